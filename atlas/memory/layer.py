@@ -1,0 +1,83 @@
+"""`MemoryLayer`: the module that turns hidden states into memory_scan's inputs and back."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import MemoryConfig
+from .scan import memory_scan
+from .state import MemoryState
+
+
+@dataclass
+class MemoryLayerState:
+    memory: MemoryState
+    conv: torch.Tensor | None  # (B, conv_size-1, C): the conv's input halo
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+class MemoryLayer(nn.Module):
+    def __init__(self, d_model: int, cfg: MemoryConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.H = cfg.heads
+        self.Dk, self.Dv = cfg.d_key // cfg.heads, cfg.d_value // cfg.heads
+        self.chunk_size = cfg.chunk_size  # a training stage may change it
+        self.impl = cfg.impl
+        qkv_dim = 2 * cfg.d_key + cfg.d_value
+        self.w_qkv = nn.Linear(d_model, qkv_dim, bias=False)  # fused q, k, v projection
+        # depthwise causal conv: weight (C, 1, K); padding is done by hand so decoding can carry it
+        self.conv = nn.Conv1d(qkv_dim, qkv_dim, cfg.conv_size, groups=qkv_dim, bias=False) if cfg.conv_size else None
+        # gates alpha, eta, theta, gamma for each head, from the input
+        self.w_gates = nn.Linear(d_model, 4 * self.H)
+        p = cfg.poly_degree
+        self.poly = nn.Parameter(torch.tensor([1 / math.factorial(i) for i in range(1, p + 1)])) if p else None
+        self.out_norm = nn.RMSNorm(self.Dv, eps=1e-5)
+        self.w_out = nn.Linear(cfg.d_value, d_model, bias=False)
+        self.reset_gates()
+
+    @torch.no_grad()
+    def reset_gates(self):
+        c = self.cfg
+        self.w_gates.weight.normal_(0, 0.02)
+        init = torch.tensor([_logit(c.alpha_init), _logit(c.eta_init), _logit(c.theta_init / c.max_lr),
+                             _logit(c.gamma_init)])
+        self.w_gates.bias.copy_(init.repeat(self.H))  # laid out (H, 4)
+
+    def forward(self, x: torch.Tensor, state: MemoryLayerState | None = None):
+        B, T, _ = x.shape
+        H, Dk, Dv, c = self.H, self.Dk, self.Dv, self.cfg
+        qkv = self.w_qkv(x)  # (B, T, 2*H*Dk + H*Dv)
+        conv_state = None
+        if self.conv is not None:
+            K = self.conv.kernel_size[0]
+            halo = state.conv if state is not None else qkv.new_zeros(B, K - 1, qkv.shape[-1])
+            padded = torch.cat([halo.to(qkv.dtype), qkv], dim=1)  # (B, K-1+T, C)
+            conv_state = padded[:, padded.shape[1] - (K - 1):]
+            qkv = self.conv(padded.transpose(1, 2)).transpose(1, 2)  # (B, T, C)
+        qkv = F.silu(qkv)
+        q, k, v = qkv.split([H * Dk, H * Dk, H * Dv], dim=-1)
+        q = F.normalize(q.view(B, T, H, Dk), dim=-1)  # (B, T, H, Dk)
+        k = F.normalize(k.view(B, T, H, Dk), dim=-1)  # (B, T, H, Dk)
+        v = v.view(B, T, H, Dv)  # (B, T, H, Dv)
+
+        gate_dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 logits would quantise the decays
+        gates = torch.sigmoid(self.w_gates(x).to(gate_dtype)).view(B, T, H, 4)  # (B, T, H, 4)
+        alpha, eta, theta, gamma = gates.unbind(-1)
+        theta = theta * c.max_lr
+        if c.rule == "gd":
+            eta = torch.zeros_like(eta)  # no momentum: S_t = -theta_t grad
+        y, mem = memory_scan(
+            q, k, v, alpha, eta, theta, gamma, chunk_size=self.chunk_size, window=c.context_window,
+            poly=self.poly, state=state.memory if state is not None else None, impl=self.impl,
+            huber_delta=c.huber_delta if c.bias == "huber" else None, max_norm=c.max_norm,
+            muon=c.rule == "muon")
+        y = self.out_norm(y.to(x.dtype)).reshape(B, T, H * Dv)  # per-head norm, then heads side by side
+        return self.w_out(y), MemoryLayerState(memory=mem, conv=conv_state)

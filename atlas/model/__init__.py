@@ -1,0 +1,4 @@
+"""The Atlas model: attention + memory blocks (block.py), the LM around them (lm.py)."""
+from .lm import AtlasLM
+
+__all__ = ["AtlasLM"]

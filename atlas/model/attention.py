@@ -1,0 +1,59 @@
+"""Causal self-attention with RoPE through SDPA, optionally a sliding window, with a KV cache."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class KVCache:
+    k: torch.Tensor  # (B, H, L, D), rotated
+    v: torch.Tensor  # (B, H, L, D)
+    pos: int  # absolute position of the next token
+
+
+def rope(x: torch.Tensor, pos0: int, theta: float) -> torch.Tensor:
+    """Rotate pairs of x (B, H, T, D) by their absolute positions pos0 .. pos0+T-1."""
+    T, D = x.shape[-2], x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)  # (D/2,)
+    ang = torch.arange(pos0, pos0 + T, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # (T, D/2)
+    cos, sin = ang.cos(), ang.sin()
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cos, sin = cos.to(work), sin.to(work)
+    x1, x2 = x.to(work).unflatten(-1, (D // 2, 2)).unbind(-1)  # (B, H, T, D/2) each
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, window: int | None, rope_theta: float):
+        super().__init__()
+        self.H, self.D = n_heads, d_model // n_heads
+        self.window = window
+        self.rope_theta = rope_theta
+        self.w_qkv = nn.Linear(d_model, 3 * d_model, bias=False)  # fused q, k, v
+        self.w_out = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None):
+        B, T, C = x.shape
+        pos0 = cache.pos if cache is not None else 0
+        q, k, v = self.w_qkv(x).view(B, T, 3, self.H, self.D).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
+        q, k = rope(q, pos0, self.rope_theta), rope(k, pos0, self.rope_theta)
+        if cache is not None:
+            k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)  # (B, H, L+T, D)
+        L = k.shape[2]
+        if cache is None and (self.window is None or self.window >= T):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        else:
+            i = torch.arange(L - T, L, device=x.device)[:, None]  # query positions within the keys
+            j = torch.arange(L, device=x.device)[None, :]
+            mask = j <= i
+            if self.window is not None:
+                mask = mask & (i - j < self.window)  # a token sees itself and window-1 before it
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        keep = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
+        new_cache = KVCache(k=k[:, :, k.shape[2] - keep:], v=v[:, :, v.shape[2] - keep:], pos=pos0 + T)
+        return self.w_out(y.transpose(1, 2).reshape(B, T, C)), new_cache

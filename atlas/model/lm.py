@@ -1,0 +1,49 @@
+"""The Atlas language model: embeddings, blocks, final norm, head."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig
+from .block import Block, BlockState
+
+
+class AtlasLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm_out = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        out_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)  # residual writers: keep the sum's variance flat
+        for name, p in self.named_parameters():
+            if p.dim() == 2 and "w_gates" not in name and "gate.proj" not in name:
+                std = out_std if name.endswith("w_out.weight") else 0.02
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, idx: torch.Tensor, state: list[BlockState] | None = None):
+        """idx (B, T) token ids -> logits (B, T, V) and the state to continue from."""
+        x = self.embed(idx)  # (B, T, C)
+        new_state = []
+        for i, block in enumerate(self.blocks):
+            x, s = block(x, state[i] if state is not None else None)
+            new_state.append(s)
+        return self.head(self.norm_out(x)), new_state
+
+    def set_chunk_size(self, chunk_size: int) -> None:
+        """TNT stages change the memory chunk size during training."""
+        for b in self.blocks:
+            if b.has_memory:
+                b.memory.chunk_size = chunk_size
+
+    def memory_layers(self):
+        return [b.memory for b in self.blocks if b.has_memory]
