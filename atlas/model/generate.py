@@ -1,0 +1,29 @@
+"""Text generation that carries the model state: the prompt is read once, then one token a step."""
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8,
+             top_k: int | None = 50, generator: torch.Generator | None = None) -> list[int]:
+    """Sample continuation ids. The memory and attention caches carry across steps, so each new
+    token costs the same whatever the context length (with sliding-window attention)."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+    logits, state = model(idx)
+    out = []
+    for _ in range(max_new_tokens):
+        last = logits[:, -1].float()  # (1, V)
+        if temperature <= 0:
+            nxt = last.argmax(-1, keepdim=True)
+        else:
+            last = last / temperature
+            if top_k is not None:
+                kth = torch.topk(last, min(top_k, last.shape[-1])).values[:, -1:]
+                last = last.masked_fill(last < kth, float("-inf"))
+            probs = torch.softmax(last, -1)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)  # (1, 1)
+        out.append(int(nxt))
+        logits, state = model(nxt, state)
+    return out
