@@ -20,7 +20,6 @@ import torch
 from .state import MemoryState, apply_poly, clamp_norm, newton_schulz5
 
 _GATE_MIN = 1e-35  # eta = 0 becomes exp(-80.6): still a float32 normal, and log's gradient stays finite
-_ALPHA_MAX = 1 - 2 ** -24  # largest float32 below 1: a full "forget" keeps 6e-8 of M, not log(0)
 
 
 def _decay_matrix(log_gate: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +42,11 @@ def memory_scan_chunked(q, k, v, alpha, eta, theta, gamma, *, chunk_size, window
     vx = torch.cat([state.v, v], dim=1).transpose(1, 2)  # (B, H, W-1+T, Dv)
     gx = torch.cat([state.gamma, gamma], dim=1).transpose(1, 2)  # (B, H, W-1+T)
     pkx, pq = apply_poly(kx, poly), apply_poly(q.transpose(1, 2), poly)  # (B, H, *, Dk)
-    log_beta = torch.log1p(-alpha.clamp(max=_ALPHA_MAX)).transpose(1, 2)  # (B, H, T)
+    # A gate exactly at its edge (eta = 0, alpha = 1) is clamped just inside it, and gets no
+    # gradient there: through the log, its gradient would be ~1/eta times a sum that cancels to
+    # zero, i.e. rounding noise of order 1e35. Sigmoid gates never sit exactly on the edge.
+    alpha_max = 1 - torch.finfo(alpha.dtype).eps / 2  # the largest float below 1
+    log_beta = torch.log1p(-alpha.clamp(max=alpha_max)).transpose(1, 2)  # (B, H, T)
     log_eta = torch.log(eta.clamp(min=_GATE_MIN)).transpose(1, 2)  # (B, H, T)
     th = theta.transpose(1, 2)  # (B, H, T)
 

@@ -50,6 +50,13 @@ def memory_scan(q, k, v, alpha, eta, theta, gamma=None, *, chunk_size, window=1,
     elif state.k.shape[1] != window - 1:
         raise ValueError(f"memory_scan: state holds a halo of {state.k.shape[1]} tokens, "
                          f"window {window} needs {window - 1}")
+    else:
+        W1 = window - 1
+        want = {"M": (B, H, Dv, Dk), "S": (B, H, Dv, Dk), "k": (B, W1, H, Dk), "v": (B, W1, H, Dv), "gamma": (B, W1, H)}
+        for name, shape in want.items():
+            if tuple(getattr(state, name).shape) != shape:
+                raise ValueError(f"memory_scan: state.{name} is {tuple(getattr(state, name).shape)}, "
+                                 f"these inputs need {shape}")
     state = MemoryState(*(t.to(dt) for t in (state.M, state.S, state.k, state.v, state.gamma)))
     if gamma is None:
         gamma = torch.ones_like(alpha)

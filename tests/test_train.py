@@ -1,0 +1,74 @@
+"""atlas train: bit-identical resume, the seed's metric names, stage transitions, bad input."""
+import json
+
+import pytest
+
+from atlas.cli import main
+
+SMALL = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
+         "model.attn_window=16", "model.memory.heads=2", "model.memory.d_key=16", "model.memory.d_value=16",
+         "model.memory.chunk_size=8", "train.seq_len=32", "train.batch_size=2", "train.warmup_steps=2",
+         "train.stages=[{steps: 4, chunk_size: 8}, {steps: 4, chunk_size: 4}]", "train.val_batches=1",
+         "train.sample_tokens=4", "train.stats_every=2", "train.val_every=3"]
+
+
+def rows(run, stream):
+    return [json.loads(line) for line in (run / "metrics" / f"{stream}.jsonl").read_text().splitlines()]
+
+
+def test_resume_is_bit_identical_and_metrics_are_named(tmp_path):
+    a, b = tmp_path / "A", tmp_path / "B"
+    common = SMALL + ["train.log_every=1", "train.checkpoint_every=2", "train.seed=7"]
+    assert main(["train", "tiny", "--run-dir", str(a), "train.max_steps=6", *common]) == 0
+    tok = str(a / "tokenizer.json")  # reuse A's BPE: B's data is then byte-identical and quick to build
+    assert main(["train", "tiny", "--run-dir", str(b), "train.max_steps=4", f"data.tokenizer={tok}", *common]) == 0
+    assert main(["train", "--resume", str(b), "train.max_steps=6"]) == 0
+
+    loss_a = {r["step"]: r["loss"] for r in rows(a, "train_steps")}
+    loss_b = {r["step"]: r["loss"] for r in rows(b, "train_steps")}
+    assert [loss_b[s] for s in (5, 6)] == [loss_a[s] for s in (5, 6)]  # exact, not close
+
+    first = rows(a, "train_steps")[0]
+    assert {"step", "loss", "ppl", "lr", "grad_norm", "tokens_per_s"} <= set(first)
+    stats = [r for r in rows(a, "train_steps") if "gate" in r]
+    assert stats and all(len(r[k]) == 2 for r in stats for k in ("gate", "M_norm", "M_std", "M_max", "M_mean", "S_norm"))
+    assert [e["chunk_size"] for e in rows(a, "events") if e["event"] == "stage"] == [4]
+    assert {"val_loss", "val_ppl"} <= set(rows(a, "val_metrics")[0])
+    assert len((a / "samples.jsonl").read_text().splitlines()) == 4  # four prompts, at the last step
+    ckpts = sorted(p.name for p in (a / "checkpoints").iterdir())
+    assert "checkpoint_6" in ckpts and all((a / "checkpoints" / c / "COMPLETE").is_file() for c in ckpts)
+    for f in ("config.yaml", "training.log", "tokenizer.json"):
+        assert (a / f).is_file()
+
+
+def err_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    return err
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    assert main(["train", "no_such_preset"]) == 2
+    assert "unknown preset" in err_line(capsys)
+    assert main(["train", "tiny", "train.max_stepz=3"]) == 2
+    assert "train.max_stepz" in err_line(capsys)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["train", "tiny", "--run-dir", str(blocker / "run"), *SMALL]) == 2
+    assert "not writable" in err_line(capsys)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "--resume", str(empty)]) == 2
+    assert "no complete checkpoint" in err_line(capsys)
+    assert main(["train", "tiny", "--run-dir", str(tmp_path / "r"), "data.path=" + str(tmp_path / "nope"), *SMALL]) == 2
+    assert "not a prepared dataset" in err_line(capsys) and not (tmp_path / "r").exists()
+
+
+def test_resume_rejects_a_different_model(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "tiny", "--run-dir", str(run), "train.max_steps=2", "train.checkpoint_every=2", *SMALL]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "model.d_model=64"]) == 2
+    assert "model.d_model" in err_line(capsys)
+    assert main(["train", "tiny", "--run-dir", str(run), *SMALL]) == 2  # a new run over an old one
+    assert "already holds a run" in err_line(capsys)
