@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -45,22 +44,55 @@ class Tokenizer:
             return self._tok.encode(text, add_special_tokens=False).ids
         return self._tok.encode(text, out_type=int)
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
-        """(ids, char_start of each token in `text`): maps tokens back to source lines."""
+    def encode_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        """For each text: (ids, char_start of each token), to map tokens back to source lines.
+
+        HF encodes the list in parallel on all cores.
+        """
         if self.kind == "hf":
-            enc = self._tok.encode(text, add_special_tokens=False)
-            return enc.ids, [s for s, _ in enc.offsets]
-        proto = self._tok.encode(text, out_type="immutable_proto")
-        # SentencePiece offsets are UTF-8 byte offsets; convert to character offsets.
+            encs = self._tok.encode_batch(texts, add_special_tokens=False)
+            return [(e.ids, [s for s, _ in e.offsets]) for e in encs]
+        return [self._spm_offsets(t) for t in texts]
+
+    def _spm_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        # sentencepiece >= 0.2.1: character offsets directly.
+        try:
+            r = self._tok.encode(text, return_type="offset_mapping")
+            return list(r["ids"]), _skip_space(text, r["offsets"])
+        except (TypeError, ValueError, KeyError):
+            pass
+        try:  # 0.1.99 - 0.2.0: UTF-8 byte offsets, converted to characters below
+            pieces = self._tok.encode_as_immutable_proto(text).pieces
+        except (AttributeError, TypeError, ValueError):
+            # Oldest versions: encode line by line; every token starts where its line
+            # starts, which is all line provenance needs (ids may differ slightly).
+            ids, starts, pos = [], [], 0
+            for line in text.splitlines(keepends=True):
+                got = self._tok.encode(line, out_type=int)
+                ids += got
+                starts += [pos] * len(got)
+                pos += len(line)
+            return ids, starts
+        ids, spans = [p.id for p in pieces], [(p.begin, p.end) for p in pieces]
         data = text.encode("utf-8")
-        if len(data) == len(text):  # ASCII: bytes == chars
-            return [p.id for p in proto.pieces], [p.begin for p in proto.pieces]
-        char_of_byte, c = [0] * (len(data) + 1), 0
-        for i, b in enumerate(data):
-            char_of_byte[i] = c
-            c += (b & 0xC0) != 0x80  # a lead byte starts a new character
-        char_of_byte[len(data)] = len(text)
-        return [p.id for p in proto.pieces], [char_of_byte[p.begin] for p in proto.pieces]
+        if len(data) != len(text):  # not ASCII: UTF-8 byte offsets -> character offsets
+            char_of_byte, c = [0] * (len(data) + 1), 0
+            for i, b in enumerate(data):
+                char_of_byte[i] = c
+                c += (b & 0xC0) != 0x80  # a lead byte starts a new character
+            char_of_byte[len(data)] = len(text)
+            spans = [(char_of_byte[a], char_of_byte[b]) for a, b in spans]
+        return ids, _skip_space(text, spans)
+
+    @property
+    def splits_at_newlines(self) -> bool:
+        """True when ids never cross a "\\n" between two non-space characters (GPT-2 style
+        byte-level pre-tokenisation), so long texts may be encoded in pieces cut there."""
+        if self.kind != "hf":
+            return False
+        from tokenizers import pre_tokenizers
+        pre = self._tok.pre_tokenizer
+        return isinstance(pre, pre_tokenizers.ByteLevel) and bool(pre.use_regex)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Many short documents at once (HF runs these on all cores)."""
@@ -143,6 +175,17 @@ class Tokenizer:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
 
 
+def _skip_space(text: str, spans) -> list[int]:
+    """Token start, moved past leading whitespace inside the token: SentencePiece folds a
+    newline into the next word's "▁", and that word belongs to the line after the newline."""
+    out = []
+    for a, b in spans:
+        while a < b - 1 and text[a].isspace():
+            a += 1
+        out.append(a)
+    return out
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE (GPT-2 style pre-tokenisation) with "<|endoftext|>" as id 0.
 
@@ -171,17 +214,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a tokenizer is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
 
-
-def copy_tokenizer_file(src, dst_dir) -> Path:
-    """Copy a tokenizer file into dst_dir under its canonical name (tokenizer.json / .model)."""
-    src = Path(src)
-    dst = Path(dst_dir) / ("tokenizer.json" if src.suffix == ".json" else "tokenizer.model")
-    if src.resolve() != dst.resolve():
-        shutil.copyfile(src, dst)
-    return dst
