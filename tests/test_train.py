@@ -72,3 +72,20 @@ def test_resume_rejects_a_different_model(tmp_path, capsys):
     assert "model.d_model" in err_line(capsys)
     assert main(["train", "tiny", "--run-dir", str(run), *SMALL]) == 2  # a new run over an old one
     assert "already holds a run" in err_line(capsys)
+
+
+def test_prepare_then_train_on_own_text(tmp_path, capsys):
+    src = tmp_path / "notes.txt"
+    src.write_text("".join(f"line {i}: the memory writes what attention forgets.\n" for i in range(400)))
+    out = tmp_path / "prepared"
+    assert main(["data", "prepare", str(src), "--out", str(out), "--vocab-size", "300"]) == 0
+    assert "data.path=" in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert main(["train", "tiny", "--run-dir", str(run), f"data.path={out}", "train.max_steps=2", *SMALL]) == 0
+    from atlas.data import TokenData
+    where = TokenData(out).locate("train", 1000)
+    assert where["source"] == str(src.resolve()) and where["line"] > 1
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"caf\xe9\n")
+    assert main(["data", "prepare", str(bad), "--out", str(tmp_path / "o2")]) == 2
+    assert "invalid UTF-8" in err_line(capsys) and not (tmp_path / "o2").exists()

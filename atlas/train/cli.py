@@ -37,16 +37,20 @@ def cmd_train(args) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from ..data.shards import prepare
+    from ..data.shards import load_index, prepare
+    from ..data.sources import expand_inputs, read_docs
     from ..data.tokenizer import Tokenizer, train_bpe
-    from ..data.sources import read_documents
 
     if args.tokenizer:
         tok = Tokenizer.load(args.tokenizer)
-    else:
-        tok = train_bpe((text for _, text in read_documents(args.inputs, args.text_field)), args.vocab_size)
+    else:  # a BPE trained on the inputs themselves (checked and read once more by prepare)
+        files = expand_inputs(args.inputs)
+        tok = train_bpe((d.text for path, kind in files for d in read_docs(path, kind, args.text_field)),
+                        args.vocab_size)
     out = prepare(args.inputs, args.out, tok, text_field=args.text_field, val_fraction=args.val_fraction)
-    print(f"prepared {out}")
+    index = load_index(out)
+    counts = ", ".join(f"{s} {v['tokens']:,} tokens" for s, v in index["splits"].items())
+    print(f"prepared {out}: {counts}; tokenizer {tok.vocab_size} entries; train with data.path={out}")
 
 
 def add_train_commands(sub) -> None:
