@@ -38,12 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("config", help="preset name (tiny, 62m, atlas_300m_omega, atlas_1b) or YAML path")
     info.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.n_layers=8")
     info.set_defaults(fn=cmd_info)
-    try:
-        from .train.cli import add_train_commands
-    except ImportError:  # the training package is optional for the memory core
-        pass
-    else:
-        add_train_commands(sub)
+    from .train.cli import add_train_commands
+    add_train_commands(sub)
+    from .tasks.cli import add_eval_commands
+    add_eval_commands(sub)
     return p
 
 

@@ -1,0 +1,1 @@
+"""Retrieval tasks: MQAR (Zoology) and passkey retrieval in natural-text haystacks."""
