@@ -40,7 +40,8 @@ class MemoryConfig:
     eta_init: float = 0.9  # momentum gate at init
     theta_init: float = 0.005  # learning rate at init (absolute, < max_lr); larger diverges with correlated keys
     gamma_init: float = 0.95  # Omega weight of each token at init
-    impl: Literal["reference", "chunked"] = "chunked"
+    dropout: float = 0.0  # dropout on the memory branch's output while training
+    impl: Literal["reference", "chunked", "triton"] = "chunked"
 
 
 @dataclass
@@ -50,6 +51,10 @@ class GateConfig:
     init: float = 0.5
     floor: float = 0.0
     branch_norm: Literal["rms", "none"] = "rms"  # normalise both branches before mixing
+    aux_weight: float = 0.0  # memory-utilisation loss: aux_weight * sum_layers relu(aux_target - gate)^2
+    aux_target: float = 0.3
+    storage_gate: float = 0.9  # GateMode.STORAGE: g >= storage_gate while facts are written
+    retrieval_floor: float = 0.3  # GateMode.RETRIEVAL: g >= retrieval_floor while they are queried
 
 
 @dataclass
@@ -61,6 +66,7 @@ class ModelConfig:
     d_ff: int = 1024
     max_seq_len: int = 1024
     attn_window: Optional[int] = None  # sliding-window attention; None = full causal
+    attn_window_min: Optional[int] = None  # randomized window: training draws it in [min, attn_window]
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
@@ -77,6 +83,15 @@ class Stage:
 
 
 @dataclass
+class Phase:
+    """An episodic-training phase: `steps` optimizer steps with the gates in `mode`.
+    storage / retrieval apply to every token; episodic takes each token's mode from the task data
+    (facts -> STORAGE, queries -> RETRIEVAL); normal leaves the gates alone."""
+    steps: int = 100
+    mode: Literal["normal", "storage", "retrieval", "episodic"] = "normal"
+
+
+@dataclass
 class TrainConfig:
     max_steps: Optional[int] = None  # None: the sum of the stages' steps
     seq_len: int = 256
@@ -90,6 +105,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     gate_lr_mult: float = 1.0  # LR multiplier for the mixing-gate parameters
     stages: list = field(default_factory=lambda: [Stage()])
+    phases: list = field(default_factory=list)  # episodic gate phases from step 0; then normal
+    gate_alert: float = 0.1  # an alert event when a layer's mean gate falls below this
     log_every: int = 10
     stats_every: int = 50  # per-layer gate and memory statistics
     val_every: int = 100
@@ -108,6 +125,10 @@ class TrainConfig:
 class DataConfig:
     path: Optional[str] = None  # a directory made by `atlas data prepare`; None = embedded Shakespeare
     tokenizer: Optional[str] = None  # tokenizer.json or sentencepiece .model; None = train a BPE
+    task: Literal["text", "mqar", "passkey"] = "text"  # text: LM on data.path or Shakespeare
+    mqar_kv_pairs: int = 16
+    mqar_examples: Optional[int] = None  # a fixed training set of this many examples (Zoology: 40000)
+    passkey_digits: int = 5
 
 
 @dataclass
@@ -152,10 +173,11 @@ def _convert(tp, value, path: str, src: str):
         if value not in args:
             raise UserError(f"{src}: '{path}' is {value!r}; choose one of {', '.join(map(repr, args))}")
         return value
-    if tp is list:  # only train.stages is a list
-        if not isinstance(value, list) or not value:
-            raise UserError(f"{src}: '{path}' must be a non-empty list of stages")
-        return [_build(Stage, s, f"{path}[{i}]", src) for i, s in enumerate(value)]
+    if tp is list:  # train.stages and train.phases
+        item = {"stages": Stage, "phases": Phase}[path.rsplit(".", 1)[-1]]
+        if not isinstance(value, list) or (item is Stage and not value):
+            raise UserError(f"{src}: '{path}' must be a {'non-empty ' if item is Stage else ''}list")
+        return [_build(item, s, f"{path}[{i}]", src) for i, s in enumerate(value)]
     if tp is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != 2:
             raise UserError(f"{src}: '{path}' must be a pair like [0.9, 0.95]")
@@ -187,6 +209,12 @@ def validate(cfg: Config, src: str) -> Config:
         (m.d_model % m.n_heads == 0, f"model.d_model {m.d_model} is not divisible by model.n_heads {m.n_heads}"),
         ((m.d_model // m.n_heads) % 2 == 0, "model.d_model / model.n_heads must be even (RoPE rotates pairs)"),
         (m.attn_window is None or m.attn_window >= 1, "model.attn_window must be >= 1 or null (full attention)"),
+        (m.attn_window_min is None or (m.attn_window is not None and 1 <= m.attn_window_min <= m.attn_window),
+         "model.attn_window_min needs model.attn_window and must lie in [1, attn_window]"),
+        (0 <= mem.dropout < 1, "model.memory.dropout must lie in [0, 1)"),
+        (g.aux_weight >= 0 and 0 < g.aux_target < 1, "model.gate.aux_weight must be >= 0, aux_target in (0, 1)"),
+        (0 < g.storage_gate < 1 and 0 <= g.retrieval_floor < 1, "model.gate.storage_gate and retrieval_floor must lie in [0, 1)"),
+        (all(p.steps >= 1 for p in t.phases), "every train.phases entry needs steps >= 1"),
         (min(m.n_layers, m.d_ff, m.max_seq_len) >= 1, "model.n_layers, d_ff and max_seq_len must be >= 1"),
         (mem.heads >= 1, "model.memory.heads must be >= 1"),
         (mem.d_key % mem.heads == 0, f"model.memory.d_key {mem.d_key} is not divisible by model.memory.heads {mem.heads}"),
@@ -274,6 +302,16 @@ def load_config(name_or_path: str = "tiny", overrides: list[str] = ()) -> Config
 
 def total_steps(cfg: Config) -> int:
     return cfg.train.max_steps or sum(s.steps for s in cfg.train.stages)
+
+
+def phase_at(cfg: Config, step: int) -> str:
+    """The gate mode of optimizer step `step` (0-based): the phases run from step 0, then normal."""
+    end = 0
+    for p in cfg.train.phases:
+        end += p.steps
+        if step < end:
+            return p.mode
+    return "normal"
 
 
 def stage_at(cfg: Config, step: int) -> tuple[int, Stage]:

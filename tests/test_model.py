@@ -98,3 +98,46 @@ def test_param_counts_add_up_and_tying():
     assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
     untied = count_by_component(make("model.tie_embeddings=false"))
     assert untied["embeddings"] == 2 * counts["embeddings"]
+
+
+def test_gate_modes_force_and_floor():
+    """STORAGE raises g to storage_gate, RETRIEVAL to the floor; both leave the learned gate recorded."""
+    m = make("model.gate.storage_gate=0.9", "model.gate.retrieval_floor=0.3")
+    idx = torch.randint(0, 97, (2, 11))
+    from atlas.model import GateMode
+    storage = torch.full((2, 11), int(GateMode.STORAGE))
+    forced, _ = m(idx, gate_modes=storage)
+    assert m.blocks[0].last_gate.item() == pytest.approx(0.5)
+    retrieval, _ = m(idx, gate_modes=torch.full((2, 11), int(GateMode.RETRIEVAL)))
+    plain, _ = m(idx)
+    torch.testing.assert_close(retrieval, plain)  # 0.5 is above the 0.3 floor
+    with torch.no_grad():
+        for b in m.blocks:
+            b.gate.w.fill_(torch.logit(torch.tensor(0.9, dtype=torch.float64)))
+    torch.testing.assert_close(forced, m(idx)[0])
+
+
+def test_memory_disabled_and_aux_loss():
+    m = make("model.gate.aux_weight=1.0", "model.gate.aux_target=0.6")
+    idx = torch.randint(0, 97, (2, 11))
+    on, _ = m(idx)
+    aux = m.gate_aux_loss()
+    assert aux.item() == pytest.approx(2 * 0.1 ** 2)  # two layers at 0.5 against a 0.6 target
+    aux.backward()
+    assert m.blocks[0].gate.w.grad.item() < 0  # the loss pushes the gate up
+    with m.memory_disabled():
+        off, _ = m(idx)
+    assert not torch.allclose(on, off)
+    torch.testing.assert_close(m(idx)[0], on)  # restored after the block
+
+
+def test_randomized_window_trains_and_evaluates_fixed():
+    m = make("model.attn_window=8", "model.attn_window_min=2")
+    idx = torch.randint(0, 97, (1, 23))
+    m.eval()
+    a, _ = m(idx)
+    torch.testing.assert_close(a, m(idx)[0])
+    m.train()
+    torch.manual_seed(1)
+    outs = {tuple(m(idx)[0][0, -1, :3].tolist()) for _ in range(6)}
+    assert len(outs) > 1  # different windows were drawn

@@ -33,7 +33,7 @@ def test_resume_is_bit_identical_and_metrics_are_named(tmp_path):
     stats = [r for r in rows(a, "train_steps") if "gate" in r]
     assert stats and all(len(r[k]) == 2 for r in stats for k in ("gate", "M_norm", "M_std", "M_max", "M_mean", "S_norm"))
     assert [e["chunk_size"] for e in rows(a, "events") if e["event"] == "stage"] == [4]
-    assert {"val_loss", "val_ppl"} <= set(rows(a, "val_metrics")[0])
+    assert {"val_loss", "val_ppl", "val_loss_memory_off"} <= set(rows(a, "val_metrics")[0])
     assert len((a / "samples.jsonl").read_text().splitlines()) == 4  # four prompts, at the last step
     ckpts = sorted(p.name for p in (a / "checkpoints").iterdir())
     assert "checkpoint_6" in ckpts and all((a / "checkpoints" / c / "COMPLETE").is_file() for c in ckpts)
@@ -89,3 +89,13 @@ def test_prepare_then_train_on_own_text(tmp_path, capsys):
     bad.write_bytes(b"caf\xe9\n")
     assert main(["data", "prepare", str(bad), "--out", str(tmp_path / "o2")]) == 2
     assert "invalid UTF-8" in err_line(capsys) and not (tmp_path / "o2").exists()
+
+
+def test_gate_alert_and_phases(tmp_path):
+    run = tmp_path / "run"
+    # gates start at 0.5: a threshold of 0.6 must raise the alert at the first stats step
+    assert main(["train", "tiny", "--run-dir", str(run), "train.max_steps=2", "train.gate_alert=0.6",
+                 "train.phases=[{steps: 1, mode: storage}, {steps: 1, mode: retrieval}]", *SMALL]) == 0
+    alerts = [e for e in rows(run, "events") if e["event"] == "alert"]
+    assert alerts and alerts[0]["kind"] == "gate_low" and alerts[0]["layers"] == [0, 1]
+    assert "ALERT" in (run / "training.log").read_text()

@@ -37,22 +37,24 @@ class Attention(nn.Module):
         self.w_qkv = nn.Linear(d_model, 3 * d_model, bias=False)  # fused q, k, v
         self.w_out = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None):
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, window: int | None = None):
+        """window: this call's sliding window (a randomized-window training step); default self.window."""
         B, T, C = x.shape
+        window = window or self.window
         pos0 = cache.pos if cache is not None else 0
         q, k, v = self.w_qkv(x).view(B, T, 3, self.H, self.D).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
         q, k = rope(q, pos0, self.rope_theta), rope(k, pos0, self.rope_theta)
         if cache is not None:
             k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)  # (B, H, L+T, D)
         L = k.shape[2]
-        if cache is None and (self.window is None or self.window >= T):
+        if cache is None and (window is None or window >= T):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
         else:
             i = torch.arange(L - T, L, device=x.device)[:, None]  # query positions within the keys
             j = torch.arange(L, device=x.device)[None, :]
             mask = j <= i
-            if self.window is not None:
-                mask = mask & (i - j < self.window)  # a token sees itself and window-1 before it
+            if window is not None:
+                mask = mask & (i - j < window)  # a token sees itself and window-1 before it
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         keep = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
         new_cache = KVCache(k=k[:, :, k.shape[2] - keep:], v=v[:, :, v.shape[2] - keep:], pos=pos0 + T)

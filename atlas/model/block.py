@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import IntEnum
 
 import torch
 import torch.nn as nn
@@ -15,6 +16,13 @@ import torch.nn.functional as F
 from ..config import GateConfig, ModelConfig
 from ..memory.layer import MemoryLayer, MemoryLayerState
 from .attention import Attention, KVCache
+
+
+class GateMode(IntEnum):
+    """Episodic training (the seed's follow-up): per token, what the mixing gate may do."""
+    NORMAL = 0  # the learned gate
+    STORAGE = 1  # facts are being written: g >= gate.storage_gate
+    RETRIEVAL = 2  # facts are queried beyond the attention window: g >= gate.retrieval_floor
 
 
 @dataclass
@@ -68,16 +76,31 @@ class Block(nn.Module):
             self.norm_mem = nn.RMSNorm(d, eps=cfg.norm_eps) if norm else nn.Identity()
         self.norm_mlp = nn.RMSNorm(d, eps=cfg.norm_eps)
         self.mlp = SwiGLU(d, cfg.d_ff)
-        self.last_gate = None  # mean gate of the last forward, detached (no host sync)
+        self.gate_cfg, self.mem_dropout = cfg.gate, cfg.memory.dropout
+        self.memory_off = False  # the ablation: the memory branch contributes zeros
+        self.gate_mean = None  # mean learned gate of the last forward (with grad, for the aux loss)
+        self.last_gate = None  # the same, detached (reading it later costs no host sync now)
 
-    def forward(self, x: torch.Tensor, state: BlockState | None = None):
+    def forward(self, x: torch.Tensor, state: BlockState | None = None, gate_modes: torch.Tensor | None = None,
+                window: int | None = None):
+        """gate_modes: (B, T) GateMode values or None; window: this call's attention window."""
         hx = self.norm_in(x)
-        a, kv = self.attn(hx, state.attn if state is not None else None)
+        a, kv = self.attn(hx, state.attn if state is not None else None, window)
         mem_state = None
         if self.has_memory:
             m, mem_state = self.memory(hx, state.memory if state is not None else None)
+            if self.memory_off:
+                m = torch.zeros_like(m)
+            m = F.dropout(m, self.mem_dropout, self.training)
             g = self.gate(hx)  # () or (B, T, C)
-            self.last_gate = g.detach().float().mean()
+            self.gate_mean = g.float().mean()
+            self.last_gate = self.gate_mean.detach()
+            if gate_modes is not None:
+                c = self.gate_cfg
+                low = torch.zeros(gate_modes.shape, device=x.device, dtype=torch.float32)  # (B, T)
+                low = low.masked_fill(gate_modes == GateMode.STORAGE, c.storage_gate)
+                low = low.masked_fill(gate_modes == GateMode.RETRIEVAL, c.retrieval_floor)
+                g = torch.maximum(g, low[..., None].to(g.dtype))  # (B, T, 1) or (B, T, C)
             a = g * self.norm_mem(m) + (1 - g) * self.norm_attn(a)
         h = x + a
         return h + self.mlp(self.norm_mlp(h)), BlockState(attn=kv, memory=mem_state)

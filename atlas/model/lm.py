@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -30,14 +31,40 @@ class AtlasLM(nn.Module):
                 std = out_std if name.endswith("w_out.weight") else 0.02
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, idx: torch.Tensor, state: list[BlockState] | None = None):
-        """idx (B, T) token ids -> logits (B, T, V) and the state to continue from."""
+    def forward(self, idx: torch.Tensor, state: list[BlockState] | None = None,
+                gate_modes: torch.Tensor | None = None):
+        """idx (B, T) token ids -> logits (B, T, V) and the state to continue from.
+        gate_modes: optional (B, T) GateMode per token (episodic training)."""
         x = self.embed(idx)  # (B, T, C)
+        window = None
+        lo, hi = self.cfg.attn_window_min, self.cfg.attn_window
+        if self.training and lo is not None:  # randomized window (SWAX): one draw per step, on the checkpointed RNG
+            window = int(torch.randint(lo, hi + 1, ()))
         new_state = []
         for i, block in enumerate(self.blocks):
-            x, s = block(x, state[i] if state is not None else None)
+            x, s = block(x, state[i] if state is not None else None, gate_modes, window)
             new_state.append(s)
         return self.head(self.norm_out(x)), new_state
+
+    def gate_aux_loss(self) -> torch.Tensor:
+        """The memory-utilisation loss of the last forward: sum_layers relu(target - mean gate)^2."""
+        c = self.cfg.gate
+        gates = [b.gate_mean for b in self.blocks if b.has_memory and b.gate_mean is not None]
+        if not gates:
+            return torch.zeros(())
+        return c.aux_weight * sum(torch.relu(c.aux_target - g) ** 2 for g in gates)
+
+    @contextmanager
+    def memory_disabled(self):
+        """The memory ablation: every memory branch contributes zeros inside this block."""
+        blocks = [b for b in self.blocks if b.has_memory]
+        for b in blocks:
+            b.memory_off = True
+        try:
+            yield self
+        finally:
+            for b in blocks:
+                b.memory_off = False
 
     def set_chunk_size(self, chunk_size: int) -> None:
         """TNT stages change the memory chunk size during training."""

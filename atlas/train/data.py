@@ -18,6 +18,7 @@ class RunData:
     seq_len: int
     rank: int
     world: int
+    task: str = "text"
 
     @property
     def tokenizer_file(self) -> Path:

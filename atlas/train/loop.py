@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import Config, stage_at, total_steps
+from ..config import Config, phase_at, stage_at, total_steps
 from ..memory.stats import memory_stats
-from ..model import AtlasLM
+from ..model import AtlasLM, GateMode
 from ..model.generate import generate
 from .checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from .data import load_data
@@ -81,13 +81,17 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
         lr = lr_at(cfg, step)
         set_lr(opt, lr)
 
+        mode = phase_at(cfg, step)
+
         # ---- one optimizer step over grad_accum micro-batches
         for _ in range(t.grad_accum):
             x, y = (a.to(device, non_blocking=True) for a in data.train.next())  # (B, T) each
+            modes = gate_modes(mode, x, data.train)  # (B, T) GateMode or None
             with autocast:
-                logits, state = fwd(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            (loss / t.grad_accum).backward()  # each backward() adds to .grad
+                logits, state = fwd(x, gate_modes=modes)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # -100 labels are not scored
+            aux = model.gate_aux_loss().to(device) if cfg.model.gate.aux_weight > 0 else 0.0
+            ((loss + aux) / t.grad_accum).backward()  # each backward() adds to .grad
             loss_sum += loss.detach() / t.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
@@ -109,6 +113,12 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
                 row["mfu"] = tok_s / world * flops_per_token(cfg.model, t.seq_len, stage.chunk_size) / peak
             if step % t.stats_every == 0 or step == last_step:
                 row.update(memory_stats(model, state))
+                low = [i for i, g in enumerate(row.get("gate", [])) if g < t.gate_alert]
+                if low:  # the seed's early warning: memory is being bypassed
+                    mean_gate = sum(row["gate"]) / len(row["gate"])
+                    log.record("events", {"step": step, "event": "alert", "kind": "gate_low", "layers": low,
+                                          "gate": row["gate"], "threshold": t.gate_alert})
+                    log.line(f"ALERT step {step}: gate below {t.gate_alert} in layers {low} (mean {mean_gate:.3f})")
             log.record("train_steps", row)
             msg = f"step {step}/{last_step} loss {mean_loss:.4f} lr {lr:.2e} gnorm {row['grad_norm']:.2f} {tok_s:,.0f} tok/s"
             if bar is not None:
@@ -120,8 +130,9 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
         if step % t.val_every == 0 or step == last_step:
             val = evaluate(model, data, t.val_batches, autocast)
             log.record("val_metrics", {"step": step, **val})
-            log.line(f"step {step}: val_loss {val['val_loss']:.4f} val_ppl {val['val_ppl']:.1f}", echo=bar is None)
-        if rank == 0 and (step % t.sample_every == 0 or step == last_step):
+            extra = "".join(f" {k} {v:.4f}" for k, v in val.items() if k not in ("val_loss", "val_ppl"))
+            log.line(f"step {step}: val_loss {val['val_loss']:.4f} val_ppl {val['val_ppl']:.1f}{extra}", echo=bar is None)
+        if rank == 0 and data.tokenizer is not None and (step % t.sample_every == 0 or step == last_step):
             write_samples(model, data.tokenizer, run_dir, step, t)
         if rank == 0 and (step % t.checkpoint_every == 0 or step == last_step):
             path = save_checkpoint(run_dir, step, model, opt, {"data": data.train.state_dict()},
@@ -136,19 +147,49 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
     return run_dir
 
 
+def gate_modes(mode: str, x: torch.Tensor, batches) -> torch.Tensor | None:
+    """The (B, T) GateMode of each token in this phase (None: the learned gates alone)."""
+    if mode == "normal":
+        return None
+    if mode == "episodic":  # facts and queries as the task marked them
+        return torch.as_tensor(batches.last_modes, device=x.device)
+    fill = GateMode.STORAGE if mode == "storage" else GateMode.RETRIEVAL
+    return torch.full(x.shape, int(fill), device=x.device, dtype=torch.int8)
+
+
 @torch.no_grad()
-def evaluate(model, data, n_batches: int, autocast) -> dict:
-    """Mean loss over fixed validation batches, at the current memory chunk size."""
-    model.eval()
+def _val_pass(model, data, n_batches: int, autocast) -> tuple[float, float | None]:
+    """Mean loss over fixed validation batches, and accuracy on scored (label != -100) positions
+    when the task scores only some (retrieval tasks)."""
     device = next(model.parameters()).device
-    losses = []
+    losses, hits, scored = [], 0, 0
     for x, y in data.val_batches(n_batches):
+        x, y = x.to(device), y.to(device)
         with autocast:
-            logits, _ = model(x.to(device))
-        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten()))
+            logits, _ = model(x)
+        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()))
+        mask = y != -100
+        hits += int((logits.argmax(-1)[mask] == y[mask]).sum())
+        scored += int(mask.sum())
+    retrieval = hits / scored if data.task != "text" and scored else None
+    return torch.stack(losses).mean().item(), retrieval
+
+
+def evaluate(model, data, n_batches: int, autocast) -> dict:
+    """Validation at the current memory chunk size, with and without the memory branch."""
+    model.eval()
+    loss, acc = _val_pass(model, data, n_batches, autocast)
+    out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+    if acc is not None:
+        out["retrieval_acc"] = acc
+    if model.memory_layers():  # the ablation: how much does the model lean on its memory?
+        with model.memory_disabled():
+            loss_off, acc_off = _val_pass(model, data, n_batches, autocast)
+        out["val_loss_memory_off"] = loss_off
+        if acc_off is not None:
+            out["retrieval_acc_memory_off"] = acc_off
     model.train()
-    loss = torch.stack(losses).mean().item()
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+    return out
 
 
 def write_samples(model, tokenizer, run_dir: Path, step: int, t) -> None:
