@@ -31,7 +31,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, opt, trainer_state: dict, config: dict,
-                    tokenizer_file: Path) -> Path:
+                    tokenizer_file: Path | None) -> Path:
     ckpt_root = run_dir / "checkpoints"
     final = ckpt_root / f"checkpoint_{step}"
     tmp = ckpt_root / f".tmp_checkpoint_{step}"
@@ -48,7 +48,8 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, trainer_state: dict, c
     state = dict(trainer_state, step=step, python_random=_py_rng_to_json(random.getstate()))
     (tmp / "trainer.json").write_text(json.dumps(state))
     (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    shutil.copy(tokenizer_file, tmp / Path(tokenizer_file).name)
+    if tokenizer_file is not None:  # MQAR runs have none
+        shutil.copy(tokenizer_file, tmp / Path(tokenizer_file).name)
     (tmp / MARKER).write_text(f"step {step}\n")  # last: a crash before this leaves an ignorable .tmp_
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

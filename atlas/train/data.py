@@ -1,52 +1,70 @@
-"""The data a training run reads: its tokenizer, training batches and validation batches."""
+"""The data a training run reads: its tokenizer, training batches and validation batches.
+
+data.task = text: language modelling on data.path (made by `atlas data prepare`) or on the
+embedded Shakespeare; mqar / passkey: the built-in retrieval tasks (atlas/tasks), whose batches
+also mark each token's GateMode for episodic training.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..config import Config
-from ..data import Batches, TokenData, Tokenizer, build_embedded
+from ..data import TokenData, Tokenizer, build_embedded
 from ..errors import UserError
 
 
 @dataclass
 class RunData:
-    source: TokenData
-    tokenizer: Tokenizer
-    train: Batches
-    batch_size: int
-    seq_len: int
-    rank: int
-    world: int
+    train: object  # .next() -> (x, y); .state_dict(); .load_state_dict(); tasks also .last_modes
+    val_batches: Callable  # n -> iterator of (x, y)
+    tokenizer: Tokenizer | None  # None for MQAR (synthetic ids)
+    tokenizer_file: Path | None
+    description: str
     task: str = "text"
 
-    @property
-    def tokenizer_file(self) -> Path:
-        return self.source.tokenizer_path
-
-    def val_batches(self, n: int):
-        return self.source.val_batches(self.batch_size, self.seq_len, n, self.rank, self.world)
-
     def describe(self) -> str:
-        return (f"{self.source.dir}: {len(self.source.train):,} training and {len(self.source.val):,} "
-                f"validation tokens, tokenizer {self.tokenizer_file.name} ({self.tokenizer.vocab_size} entries)")
+        return self.description
+
+
+def _text_source(cfg: Config, run_dir: Path) -> TokenData:
+    if cfg.data.path is None:
+        return build_embedded(run_dir, cfg.model.vocab_size, cfg.data.tokenizer)
+    path = Path(cfg.data.path)
+    if not (path / "index.json").is_file():
+        raise UserError(f"data.path {path} is not a prepared dataset (no index.json); "
+                        "make one with `atlas data prepare FILES --out DIR`")
+    return TokenData(path)
+
+
+def _check_vocab(n: int, cfg: Config, what: str) -> None:
+    if n > cfg.model.vocab_size:
+        raise UserError(f"{what} has {n} entries but model.vocab_size is {cfg.model.vocab_size}; "
+                        "raise model.vocab_size")
 
 
 def load_data(cfg: Config, run_dir: Path, rank: int = 0, world: int = 1) -> RunData:
-    """cfg.data.path (made by `atlas data prepare`), or the embedded Shakespeare tokenized
-    into the run directory with a BPE of cfg.model.vocab_size (or cfg.data.tokenizer)."""
-    t = cfg.train
-    if cfg.data.path is not None:
-        path = Path(cfg.data.path)
-        if not (path / "index.json").is_file():
-            raise UserError(f"data.path {path} is not a prepared dataset (no index.json); "
-                            "make one with `atlas data prepare FILES --out DIR`")
-        source = TokenData(path)
-    else:
-        source = build_embedded(run_dir, cfg.model.vocab_size, cfg.data.tokenizer)
+    t, task = cfg.train, cfg.data.task
+    if task == "mqar":
+        from ..tasks.mqar import MQAR
+        mq = MQAR(t.seq_len, cfg.data.mqar_kv_pairs, num_examples=cfg.data.mqar_examples, seed=t.seed)
+        _check_vocab(mq.vocab_size, cfg, "the MQAR vocabulary")
+        return RunData(mq.batches(t.batch_size, seed=t.seed, rank=rank, world_size=world),
+                       lambda n: mq.val_batches(t.batch_size, n), None, None,
+                       f"MQAR: T={t.seq_len}, {cfg.data.mqar_kv_pairs} key-value pairs, vocab {mq.vocab_size}, "
+                       f"{cfg.data.mqar_examples or 'unlimited'} training examples", task)
+    source = _text_source(cfg, run_dir)
     tok = source.tokenizer()
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise UserError(f"tokenizer {source.tokenizer_path} has {tok.vocab_size} entries but "
-                        f"model.vocab_size is {cfg.model.vocab_size}; raise model.vocab_size")
-    batches = source.batches(t.batch_size, t.seq_len, seed=t.seed, rank=rank, world_size=world)
-    return RunData(source, tok, batches, t.batch_size, t.seq_len, rank, world)
+    _check_vocab(tok.vocab_size, cfg, f"tokenizer {source.tokenizer_path}")
+    if task == "passkey":
+        from ..tasks.passkey import Passkey
+        pk = Passkey(tok, t.seq_len, digits=cfg.data.passkey_digits, seed=t.seed)
+        return RunData(pk.batches(t.batch_size, seed=t.seed, rank=rank, world_size=world),
+                       lambda n: pk.val_batches(t.batch_size, n), tok, source.tokenizer_path,
+                       f"passkey in Shakespeare haystacks: T={t.seq_len}, {cfg.data.passkey_digits} digits", task)
+    return RunData(source.batches(t.batch_size, t.seq_len, seed=t.seed, rank=rank, world_size=world),
+                   lambda n: source.val_batches(t.batch_size, t.seq_len, n, rank, world), tok,
+                   source.tokenizer_path,
+                   f"{source.dir}: {len(source.train):,} training and {len(source.val):,} validation tokens, "
+                   f"tokenizer {source.tokenizer_path.name} ({tok.vocab_size} entries)", task)
