@@ -191,6 +191,11 @@ def _convert(tp, value, path: str, src: str):
             raise UserError(f"{src}: '{path}' must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{src}: '{path}' must be a number, got {value!r}")
         return float(value)

@@ -1,0 +1,126 @@
+"""Combine the parts written by run.py into results.json, plots and a markdown table.
+
+    python experiments/memory_use/report.py DIR [DIR ...] [--out experiments/memory_use]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+COMMAND = ("python experiments/memory_use/run.py --part {lm,mqar,passkey} --out DIR  (on the GPU machine); "
+           "python experiments/memory_use/report.py DIR")
+
+
+def load_parts(dirs: list[Path]) -> dict:
+    parts = {}
+    for d in dirs:
+        for name in ("lm", "mqar", "passkey"):
+            f = d / f"{name}.json"
+            if f.exists():
+                parts[name] = json.loads(f.read_text())
+    return parts
+
+
+def recipe_row(r: dict, init: float | None) -> dict:
+    final = r["final_val"]
+    gates = r["gates"][-1][1] if r["gates"] else None
+    return {"initial_gate": init, "final_gate_per_layer": gates,
+            "mean_final_gate": sum(gates) / len(gates) if gates else None,
+            "val_loss": final["val_loss"], "val_loss_memory_off": final.get("val_loss_memory_off"),
+            "tokens_per_s": r["tokens_per_s"], "wall_s": r["wall_s"]}
+
+
+def build(parts: dict) -> dict:
+    out = {"device": None, "command": COMMAND}
+    if "lm" in parts:
+        out["device"] = parts["lm"]["device"]
+        res = parts["lm"]["results"]
+        out["recipes"] = {k: recipe_row(v, 0.5 if k in ("seed", "atlas") else None) for k, v in res.items()}
+    if "mqar" in parts:
+        out["device"] = out["device"] or parts["mqar"]["device"]
+        res = parts["mqar"]["results"]
+        points = sorted({(v["point"]["T"], v["point"]["kv_pairs"], v["point"]["attn_window"]) for v in res.values()})
+        rows = []
+        for T, kv, w in points:
+            row = {"T": T, "kv_pairs": kv, "attn_window": w}
+            for name in ("atlas", "swa_only"):
+                r = res.get(f"{name}_T{T}_kv{kv}")
+                if r:
+                    row[name] = r["accuracy"]
+                    row[f"{name}_budget"] = r["budget"]
+            rows.append(row)
+        out["mqar"] = rows[0]
+        out["mqar_harder"] = rows[1:]
+    if "passkey" in parts:
+        res = parts["passkey"]["results"]
+        L = res["atlas"]["train_len"]
+        out["passkey"] = {"train_len": L, "eval_len": 4 * L,
+                          "atlas": res["atlas"]["accuracy"][str(4 * L)],
+                          "swa_only": res["swa_only"]["accuracy"][str(4 * L)],
+                          "by_length": {k: v["accuracy"] for k, v in res.items()}}
+    return out
+
+
+def plot(parts: dict, out_dir: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    made = []
+    if "lm" in parts:
+        res = parts["lm"]["results"]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        for ax, name in zip(axes, ("seed", "atlas")):
+            g = res[name]["gates"]
+            steps = [s for s, _ in g]
+            for layer in range(len(g[0][1])):
+                ax.plot(steps, [v[layer] for _, v in g], label=f"layer {layer}")
+            ax.set_title(f"{name}: mixing gate per layer")
+            ax.set_xlabel("step")
+            ax.axhline(0.5, color="grey", lw=0.5, ls="--")
+        axes[0].set_ylabel("gate (memory share)")
+        axes[1].legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "gates.png", dpi=110)
+        made.append("gates.png")
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, r in res.items():
+            ax.plot([s for s, _ in r["loss"]], [v for _, v in r["loss"]], label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.set_ylim(top=min(8.5, ax.get_ylim()[1]))
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "loss.png", dpi=110)
+        made.append("loss.png")
+    return made
+
+
+def table(results: dict) -> str:
+    lines = ["| recipe | initial gate | final gate per layer | val loss | val loss, memory off | tokens/s |",
+             "|---|---|---|---|---|---|"]
+    for name, r in results.get("recipes", {}).items():
+        gates = ", ".join(f"{g:.3f}" for g in r["final_gate_per_layer"]) if r["final_gate_per_layer"] else "–"
+        off = f"{r['val_loss_memory_off']:.4f}" if r["val_loss_memory_off"] is not None else "–"
+        init = r["initial_gate"] if r["initial_gate"] is not None else "–"
+        lines.append(f"| {name} | {init} | {gates} | {r['val_loss']:.4f} | {off} | {r['tokens_per_s']:,.0f} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("dirs", nargs="+")
+    p.add_argument("--out", default=str(Path(__file__).parent))
+    a = p.parse_args()
+    parts = load_parts([Path(d) for d in a.dirs])
+    out_dir = Path(a.out)
+    results = build(parts)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    made = plot(parts, out_dir)
+    print(table(results))
+    print(json.dumps({k: results.get(k) for k in ("mqar", "mqar_harder", "passkey")}, indent=1))
+    print("wrote", out_dir / "results.json", *made)
+
+
+if __name__ == "__main__":
+    main()
