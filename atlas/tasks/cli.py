@@ -1,5 +1,139 @@
-"""`atlas eval mqar|passkey` (filled in with the retrieval tasks)."""
+"""`atlas eval mqar|passkey RUN_OR_CHECKPOINT`: retrieval accuracy of a trained checkpoint.
+
+Prints one JSON line on stdout (for scripts: `atlas eval mqar runs/x | jq .accuracy`) and one
+human line on stderr.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..errors import UserError
+
+# Zoology's grid (T -> κ); other lengths get T/16 pairs, the density of its T = 256 point.
+ZOOLOGY_KV = {64: 4, 128: 8, 256: 16, 512: 64}
+
+
+def load_for_eval(path_arg: str, device_arg: str = "auto"):
+    """RUN_DIR (its newest complete checkpoint) or a checkpoint directory -> (model, cfg, ckpt, step).
+
+    The model is in eval mode, on `device_arg`, with the memory chunk size of the stage that the
+    run's last optimizer step trained with (TNT stages change it)."""
+    import torch
+    from safetensors.torch import load_model
+
+    from ..config import config_from_dict, read_yaml, stage_at
+    from ..model import AtlasLM
+    from ..train.checkpoint import MARKER, complete_checkpoints, latest_checkpoint
+
+    path = Path(path_arg)
+    if not path.is_dir():
+        raise UserError(f"atlas eval: {path} is not a directory; pass a run directory or one of its "
+                        f"checkpoints/checkpoint_<step>")
+    if not (path / MARKER).is_file() and not complete_checkpoints(path):
+        raise UserError(f"atlas eval: {path} holds no complete checkpoint (looked for {path}/{MARKER} and "
+                        f"{path}/checkpoints/checkpoint_*/{MARKER}); train first or pass another run")
+    ckpt = latest_checkpoint(path)
+    cfg_file = ckpt / "config.yaml"
+    if not cfg_file.is_file():
+        raise UserError(f"atlas eval: {cfg_file} is missing; the checkpoint is damaged, pass another one")
+    cfg = config_from_dict(read_yaml(cfg_file), str(cfg_file))
+    step = _step_of(ckpt)
+    if device_arg == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(device_arg)
+        except RuntimeError:
+            raise UserError(f"atlas eval: --device {device_arg!r} is not a torch device; use cpu, cuda or cuda:N")
+    model = AtlasLM(cfg.model).to(device)
+    try:
+        load_model(model, str(ckpt / "model.safetensors"), device=str(device))
+    except (RuntimeError, OSError, FileNotFoundError) as e:
+        raise UserError(f"atlas eval: cannot load {ckpt / 'model.safetensors'} into the model of {cfg_file} "
+                        f"({str(e).splitlines()[0][:160]}); pass an intact checkpoint")
+    _, stage = stage_at(cfg, max(step - 1, 0))  # step counts finished steps; the last one was step - 1
+    model.set_chunk_size(stage.chunk_size)
+    model.eval()
+    return model, cfg, ckpt, step
+
+
+def _step_of(ckpt: Path) -> int:
+    try:
+        return int(json.loads((ckpt / "trainer.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        tail = ckpt.name.removeprefix("checkpoint_")
+        return int(tail) if tail.isdigit() else 0
+
+
+def _report(result: dict, human: str) -> None:
+    print(json.dumps(result), flush=True)
+    print(human, file=sys.stderr)
+
+
+def cmd_eval_mqar(args) -> None:
+    from .mqar import MQAR, mqar_accuracy
+
+    model, cfg, ckpt, step = load_for_eval(args.run, args.device)
+    T = args.seq_len or cfg.train.seq_len
+    data = cfg.data
+    trained_on_mqar = getattr(data, "task", "text") == "mqar" and T == cfg.train.seq_len
+    kv = args.kv_pairs or (data.mqar_kv_pairs if trained_on_mqar else ZOOLOGY_KV.get(T, max(1, T // 16)))
+    V = args.vocab_size or cfg.model.vocab_size
+    if V > cfg.model.vocab_size:
+        raise UserError(f"atlas eval mqar: --vocab-size {V} exceeds the model's {cfg.model.vocab_size}; lower it")
+    if args.n < 1:
+        raise UserError(f"atlas eval mqar: --n {args.n}; use at least 1 example")
+    seed = cfg.train.seed if args.seed is None else args.seed
+    task = MQAR(T, kv, vocab_size=V, seed=seed)
+    acc = mqar_accuracy(model, task, n_examples=args.n, batch_size=args.batch_size)
+    _report({"task": "mqar", "checkpoint": str(ckpt), "step": step, "seq_len": T, "kv_pairs": kv,
+             "vocab_size": V, "n": args.n, "seed": seed, "accuracy": acc},
+            f"mqar accuracy {acc:.4f} on {args.n} held-out examples (T={T}, {kv} pairs, vocab {V}); "
+            f"{ckpt.name} of {ckpt.parent.parent}")
+
+
+def cmd_eval_passkey(args) -> None:
+    from ..data import Tokenizer
+    from .passkey import passkey_eval
+
+    model, cfg, ckpt, step = load_for_eval(args.run, args.device)
+    tok = Tokenizer.load(ckpt)  # the tokenizer the run trained with, copied into every checkpoint
+    length = args.length or 4 * cfg.train.seq_len
+    digits = args.digits or getattr(cfg.data, "passkey_digits", 5)
+    if args.n < 1:
+        raise UserError(f"atlas eval passkey: --n {args.n}; use at least 1 example")
+    r = passkey_eval(model, tok, length, n=args.n, digits=digits, seed=args.seed, batch_size=args.batch_size)
+    _report({"task": "passkey", "checkpoint": str(ckpt), "step": step, "length": length,
+             "train_len": cfg.train.seq_len, "attn_window": cfg.model.attn_window, "digits": digits,
+             "seed": args.seed, **r},
+            f"passkey accuracy {r['accuracy']:.3f} on {args.n} haystacks of {length} tokens "
+            f"({length / cfg.train.seq_len:.1f}x the training length); {ckpt.name} of {ckpt.parent.parent}")
 
 
 def add_eval_commands(sub) -> None:
-    sub.add_parser("eval", help="retrieval evaluations (mqar, passkey)")
+    ev = sub.add_parser("eval", help="retrieval evaluations of a checkpoint (mqar, passkey)")
+    tasks = ev.add_subparsers(dest="eval_cmd", required=True)
+    common = dict(help="a run directory (its newest complete checkpoint) or a checkpoint directory")
+
+    mq = tasks.add_parser("mqar", help="Zoology's multi-query associative recall, held-out examples")
+    mq.add_argument("run", metavar="RUN_OR_CHECKPOINT", **common)
+    mq.add_argument("--seq-len", type=int, help="sequence length T (default: the run's train.seq_len)")
+    mq.add_argument("--kv-pairs", type=int, help="key-value pairs (default: Zoology's grid, 16 at T=256)")
+    mq.add_argument("--n", type=int, default=1000, help="examples (default 1000)")
+    mq.add_argument("--vocab-size", type=int, help="MQAR vocabulary (default: the model's)")
+    mq.add_argument("--seed", type=int, help="task seed (default: the run's train.seed)")
+    mq.add_argument("--batch-size", type=int, default=64)
+    mq.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    mq.set_defaults(fn=cmd_eval_mqar)
+
+    pk = tasks.add_parser("passkey", help="pass-key retrieval in haystacks from the validation works")
+    pk.add_argument("run", metavar="RUN_OR_CHECKPOINT", **common)
+    pk.add_argument("--length", type=int, help="prompt length in tokens (default: 4x the run's train.seq_len)")
+    pk.add_argument("--n", type=int, default=50, help="haystacks, spread over depths 0.1..0.9 (default 50)")
+    pk.add_argument("--digits", type=int, help="digits of the pass key (default 5)")
+    pk.add_argument("--seed", type=int, default=1234)
+    pk.add_argument("--batch-size", type=int, default=8)
+    pk.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    pk.set_defaults(fn=cmd_eval_passkey)
