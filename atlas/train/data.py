@@ -49,10 +49,10 @@ def load_data(cfg: Config, run_dir: Path, rank: int = 0, world: int = 1) -> RunD
     if task == "mqar":
         from ..tasks.mqar import MQAR
         mq = MQAR(t.seq_len, cfg.data.mqar_kv_pairs, num_examples=cfg.data.mqar_examples, seed=t.seed)
-        _check_vocab(mq.vocab_size, cfg, "the MQAR vocabulary")
+        _check_vocab(mq.V, cfg, "the MQAR vocabulary")
         return RunData(mq.batches(t.batch_size, seed=t.seed, rank=rank, world_size=world),
                        lambda n: mq.val_batches(t.batch_size, n), None, None,
-                       f"MQAR: T={t.seq_len}, {cfg.data.mqar_kv_pairs} key-value pairs, vocab {mq.vocab_size}, "
+                       f"MQAR: T={t.seq_len}, {cfg.data.mqar_kv_pairs} key-value pairs, vocab {mq.V}, "
                        f"{cfg.data.mqar_examples or 'unlimited'} training examples", task)
     source = _text_source(cfg, run_dir)
     tok = source.tokenizer()
