@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_commands(sub)
     from .tasks.cli import add_eval_commands
     add_eval_commands(sub)
+    from .bench import add_bench_command
+    add_bench_command(sub)
     return p
 
 

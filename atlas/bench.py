@@ -1,0 +1,189 @@
+"""`atlas bench`: the memory layer against FlashAttention (SDPA), titans-pytorch and a plain
+transformer, on one GPU. Writes benchmarks/results/<name>.json and prints a table.
+
+Every number is the median of >= 10 timed runs after warm-up, timed with CUDA events, on random
+inputs. `--smoke` runs tiny shapes on whatever device there is (a CPU check of the code path).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import load_config
+from .memory.layer import MemoryLayer
+from .model import AtlasLM
+from .train.flops import flops_per_token, peak_flops
+
+
+def timed(fn, warmup: int = 3, reps: int = 10) -> float:
+    """Median milliseconds of fn() (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    cuda = torch.cuda.is_available()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def fwd_bwd(module_fn, inputs):
+    def step():
+        out = module_fn(*inputs)
+        out = out[0] if isinstance(out, tuple) else out
+        out.float().square().mean().backward()
+    return step
+
+
+def memory_layer(d: int, H: int, impl: str, chunk: int, dtype, device) -> MemoryLayer:
+    cfg = load_config("atlas_300m_omega", [f"model.memory.heads={H}", f"model.memory.d_key={d}",
+                                           f"model.memory.d_value={d}", f"model.memory.chunk_size={chunk}",
+                                           f"model.memory.impl={impl}", "model.memory.context_window=1"]).model.memory
+    return MemoryLayer(d, cfg).to(device=device, dtype=dtype)
+
+
+def bench_layer(B, T, H, D, chunk, dtype, device, impls) -> dict:
+    d = H * D
+    x = torch.randn(B, T, d, device=device, dtype=dtype, requires_grad=True)
+    out = {"B": B, "T": T, "H": H, "D": D, "chunk_size": chunk}
+    for impl in impls:
+        layer = memory_layer(d, H, impl, chunk, dtype, device)
+        ms = timed(fwd_bwd(layer, (x,)))
+        out[f"atlas_{impl}_ms"], out[f"atlas_{impl}_tok_s"] = ms, B * T / ms * 1e3
+    q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    ms = timed(fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), (q, k, v)))
+    out["sdpa_ms"], out["sdpa_tok_s"] = ms, B * T / ms * 1e3
+    try:
+        from titans_pytorch import NeuralMemory
+        from titans_pytorch.memory_models import MemoryMLP
+        mem = NeuralMemory(dim=d, chunk_size=chunk, heads=H, dim_head=D, model=MemoryMLP(D, depth=1)).to(device)
+        xt = torch.randn(B, T, d, device=device, requires_grad=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            ms = timed(fwd_bwd(mem, (xt,)), reps=10)
+        out["titans_pytorch_ms"], out["titans_pytorch_tok_s"] = ms, B * T / ms * 1e3
+    except ImportError as e:
+        out["titans_pytorch_tok_s"] = None
+        out["titans_pytorch_note"] = f"not installed ({e})"
+    return out
+
+
+def bench_model(preset: str, overrides: list[str], B: int, T: int, device, compile_: bool) -> dict:
+    res = {}
+    for name, extra in (("atlas", []), ("transformer", ["model.memory.enabled=false"])):
+        cfg = load_config(preset, overrides + extra + [f"train.seq_len={T}"])
+        model = AtlasLM(cfg.model).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        fwd = torch.compile(model) if compile_ else model
+        idx = torch.randint(0, cfg.model.vocab_size, (B, T + 1), device=device)
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits, _ = fwd(idx[:, :-1])
+            F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        ms = timed(step, warmup=3 if not compile_ else 5)
+        tok_s = B * T / ms * 1e3
+        res[f"{name}_ms"], res[f"{name}_tok_s"] = ms, tok_s
+        peak = peak_flops(torch.cuda.get_device_name()) if device.type == "cuda" else None
+        if peak:
+            res[f"{name}_mfu"] = tok_s * flops_per_token(cfg.model, T, cfg.model.memory.chunk_size) / peak
+        del model, opt, fwd
+    return res
+
+
+@torch.no_grad()
+def bench_decode(preset: str, overrides: list[str], contexts: list[int], device) -> list[dict]:
+    cfg = load_config(preset, overrides)
+    model = AtlasLM(cfg.model).to(device).eval()
+    rows = []
+    for ctx in contexts:
+        idx = torch.randint(0, cfg.model.vocab_size, (1, ctx), device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            _, state = model(idx)  # prefill: the memory absorbs the context, attention keeps its window
+            tok = idx[:, -1:]
+
+            def one():
+                model(tok, state)
+            ms = timed(one, warmup=3, reps=20)
+        rows.append({"context": ctx, "ms_per_token": ms})
+    return rows
+
+
+def run(out_path: Path, smoke: bool) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    impls = ["chunked"] + (["triton"] if device.type == "cuda" else [])
+    if smoke:
+        B, T, H, D, chunk, Ts, ctxs = 1, 128, 2, 16, 32, [64, 128], [32, 64]
+        model_over = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.d_ff=128",
+                      "model.memory.d_key=64", "model.memory.d_value=64", "model.memory.heads=2",
+                      "model.memory.chunk_size=32", "model.vocab_size=512", "model.max_seq_len=256"]
+        mB, mT = 1, 64
+    else:
+        B, T, H, D, chunk, Ts, ctxs = 2, 4096, 8, 128, 64, [2048, 4096, 8192, 16384, 32768], [1024, 2048, 4096, 8192, 16384, 32768]
+        model_over, mB, mT = ["model.memory.chunk_size=256"], 2, 4096
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "command": "atlas bench" + (" --smoke" if smoke else ""), "dtype": str(dtype).replace("torch.", "")}
+    result["layer"] = bench_layer(B, T, H, D, chunk, dtype, device, impls)
+    best = impls[-1]
+    result["scaling"] = []
+    for t in Ts:
+        x = torch.randn(1, t, H * D, device=device, dtype=dtype, requires_grad=True)
+        layer = memory_layer(H * D, H, best, chunk, dtype, device)
+        ms = timed(fwd_bwd(layer, (x,)), reps=10)
+        result["scaling"].append({"T": t, "ms": ms, "us_per_token": ms / t * 1e3, "impl": best})
+    m = bench_model("atlas_300m_omega", model_over + [f"model.memory.impl={best}"], mB, mT, device,
+                    compile_=device.type == "cuda")
+    result["model"] = {"atlas_300m_tok_s": m["atlas_tok_s"], "transformer_300m_tok_s": m["transformer_tok_s"],
+                       "atlas_300m_mfu": m.get("atlas_mfu"), "transformer_300m_mfu": m.get("transformer_mfu"),
+                       "B": mB, "T": mT, "ratio": m["atlas_tok_s"] / m["transformer_tok_s"]}
+    dec_over = model_over + [f"model.memory.impl={best}", f"model.attn_window={ctxs[0]}",
+                             f"model.max_seq_len={max(ctxs) + 1}", "train.seq_len=16"]
+    result["decode"] = bench_decode("atlas_300m_omega", dec_over, ctxs, device)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def table(r: dict) -> str:
+    L = r["layer"]
+    lines = [f"device {r['device']}, {r['dtype']}; layer B={L['B']} T={L['T']} H={L['H']} D={L['D']} fwd+bwd",
+             "| what | ms | tokens/s |", "|---|---:|---:|"]
+    for k in [k for k in L if k.endswith("_ms")]:
+        name = k[:-3]
+        lines.append(f"| {name} | {L[k]:.2f} | {L[name + '_tok_s']:,.0f} |")
+    m = r["model"]
+    lines.append(f"| 300M train step, Atlas | | {m['atlas_300m_tok_s']:,.0f} |")
+    lines.append(f"| 300M train step, memory off | | {m['transformer_300m_tok_s']:,.0f} |")
+    lines.append("scaling (us/token): " + ", ".join(f"T={s['T']}: {s['us_per_token']:.2f}" for s in r["scaling"]))
+    lines.append("decode (ms/token): " + ", ".join(f"{d['context']}: {d['ms_per_token']:.2f}" for d in r["decode"]))
+    return "\n".join(lines)
+
+
+def cmd_bench(args) -> None:
+    r = run(Path(args.out), args.smoke)
+    print(table(r))
+    print(f"wrote {args.out}")
+
+
+def add_bench_command(sub) -> None:
+    p = sub.add_parser("bench", help="GPU benchmark: memory layer vs SDPA vs titans-pytorch, model, scaling, decode")
+    p.add_argument("--out", default="benchmarks/results/h100.json")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, any device (checks the code path)")
+    p.set_defaults(fn=cmd_bench)

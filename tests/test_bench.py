@@ -1,0 +1,15 @@
+"""atlas bench --smoke: the benchmark's code path runs on a CPU and writes the documented keys."""
+import json
+
+from atlas.cli import main
+
+
+def test_bench_smoke_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--smoke", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert {"device", "command", "layer", "model", "scaling", "decode"} <= set(r)
+    assert {"B", "T", "H", "D", "atlas_chunked_tok_s", "sdpa_tok_s", "titans_pytorch_tok_s"} <= set(r["layer"])
+    assert {"atlas_300m_tok_s", "transformer_300m_tok_s", "atlas_300m_mfu"} <= set(r["model"])
+    assert all(s["ms"] > 0 for s in r["scaling"]) and all(d["ms_per_token"] > 0 for d in r["decode"])
+    assert "atlas_chunked" in capsys.readouterr().out
