@@ -52,39 +52,64 @@ def memory_scan_chunked(q, k, v, alpha, eta, theta, gamma, *, chunk_size, window
 
     M, S = state.M, state.S  # (B, H, Dv, Dk)
     ys = []
-    for s in range(0, T, chunk_size):
-        n = min(chunk_size, T - s)
-        pk_c, v_c, g_c = pkx[:, :, s:s + n + W - 1], vx[:, :, s:s + n + W - 1], gx[:, :, s:s + n + W - 1]
-        pq_c = pq[:, :, s:s + n]  # (B, H, n, Dk)
-
-        Lb, cb = _decay_matrix(log_beta[..., s:s + n], dt)  # (B, H, n, n), (B, H, n)
-        Le, ce = _decay_matrix(log_eta[..., s:s + n], dt)
-        P = torch.exp(cb).to(dt)  # (B, H, n)  prod_{l<=j} beta_l
-        Pe = torch.exp(ce).to(dt)  # (B, H, n)  prod_{l<=j} eta_l
-        f = (Lb @ Pe[..., None])[..., 0]  # (B, H, n)
-        m_idx = torch.arange(n, device=q.device)[:, None]
-        i_idx = torch.arange(n + W - 1, device=q.device)[None, :]
-        band = ((i_idx >= m_idx) & (i_idx <= m_idx + W - 1)).to(dt)  # (n, n+W-1)
-        th_c = th[..., s:s + n, None]  # (B, H, n, 1)
-        G = ((Lb @ Le) @ (th_c * band)) * g_c[..., None, :]  # (B, H, n, n+W-1)
-        c_S = ((Le[..., -1:, :] @ (th_c * band)) * g_c[..., None, :])[..., 0, :]  # (B, H, n+W-1)
-
-        S_seen = newton_schulz5(S) if muon else S
-        err = pk_c @ M.transpose(-1, -2) - v_c  # (B, H, n+W-1, Dv)  e_i at M_ref
-        if huber_delta is not None:
-            err = err.clamp(-huber_delta, huber_delta)
-        y = (P[..., None] * (pq_c @ M.transpose(-1, -2))
-             + f[..., None] * (pq_c @ S_seen.transpose(-1, -2))
-             - (G * (pq_c @ pk_c.transpose(-1, -2))) @ err)  # (B, H, n, Dv)
+    full = T // chunk_size * chunk_size
+    # the full chunks as one batch, then the partial last chunk (if any) as a batch of one
+    for s0, n, nc in ((0, chunk_size, T // chunk_size), (full, T - full, 1)):
+        if nc == 0 or n == 0:
+            continue
+        y, M, S = _scan_chunks(pkx, vx, gx, pq, log_beta, log_eta, th, M, S, s0, n, nc, W, dt,
+                               huber_delta, max_norm, muon)
         ys.append(y)
-
-        M_new = (P[..., -1, None, None] * M + f[..., -1, None, None] * S_seen
-                 - (G[..., -1, :, None] * err).transpose(-1, -2) @ pk_c)  # (B, H, Dv, Dk)
-        S = Pe[..., -1, None, None] * S - (c_S[..., None] * err).transpose(-1, -2) @ pk_c
-        M = clamp_norm(M_new, max_norm)
 
     y = torch.cat(ys, dim=2).transpose(1, 2)  # (B, T, H, Dv)
     cut = kx.shape[2] - (W - 1)
     halo = MemoryState(M=M, S=S, k=kx[:, :, cut:].transpose(1, 2), v=vx[:, :, cut:].transpose(1, 2),
                        gamma=gx[:, :, cut:].transpose(1, 2))
     return y, halo
+
+
+def _scan_chunks(pkx, vx, gx, pq, log_beta, log_eta, th, M, S, s0, n, nc, W, dt, huber_delta, max_norm, muon):
+    """`nc` consecutive chunks of `n` tokens from token s0. Everything that depends only on the
+    gates and keys is computed for all chunks at once; the loop carries only M and S."""
+    dev = pq.device
+    rows = s0 + torch.arange(nc, device=dev)[:, None] * n  # (nc, 1) first token of each chunk
+    qi = rows + torch.arange(n, device=dev)  # (nc, n) token indices
+    ki = rows + torch.arange(n + W - 1, device=dev)  # (nc, n+W-1) halo coordinates: W-1 before, then own
+    pk, v, g = pkx[:, :, ki], vx[:, :, ki], gx[:, :, ki]  # (B, H, nc, n+W-1, .)
+    q_c = pq[:, :, qi]  # (B, H, nc, n, Dk)
+
+    Lb, cb = _decay_matrix(log_beta[..., qi], dt)  # (B, H, nc, n, n), (B, H, nc, n)
+    Le, ce = _decay_matrix(log_eta[..., qi], dt)
+    P = torch.exp(cb).to(dt)  # (B, H, nc, n)  prod_{l<=j} beta_l
+    Pe = torch.exp(ce).to(dt)  # (B, H, nc, n)  prod_{l<=j} eta_l
+    f = (Lb @ Pe[..., None])[..., 0]  # (B, H, nc, n)
+    m_idx = torch.arange(n, device=dev)[:, None]
+    i_idx = torch.arange(n + W - 1, device=dev)[None, :]
+    band = ((i_idx >= m_idx) & (i_idx <= m_idx + W - 1)).to(dt)  # (n, n+W-1)
+    th_band = th[..., qi, None] * band  # (B, H, nc, n, n+W-1)
+    G = ((Lb @ Le) @ th_band) * g[..., None, :]  # (B, H, nc, n, n+W-1)
+    c_S = ((Le[..., -1:, :] @ th_band) * g[..., None, :])[..., 0, :]  # (B, H, nc, n+W-1)
+    A = G * (q_c @ pk.transpose(-1, -2))  # (B, H, nc, n, n+W-1): queries against window keys
+
+    M_refs, S_seens = [], []
+    for c in range(nc):  # the only sequential part: chunk-start states
+        S_seen = newton_schulz5(S) if muon else S
+        M_refs.append(M)
+        S_seens.append(S_seen)
+        err = _errors(pk[:, :, c], v[:, :, c], M, huber_delta)  # (B, H, n+W-1, Dv)  e_i at M_ref
+        M_new = (P[:, :, c, -1, None, None] * M + f[:, :, c, -1, None, None] * S_seen
+                 - (G[:, :, c, -1, :, None] * err).transpose(-1, -2) @ pk[:, :, c])  # (B, H, Dv, Dk)
+        S = Pe[:, :, c, -1, None, None] * S - (c_S[:, :, c, :, None] * err).transpose(-1, -2) @ pk[:, :, c]
+        M = clamp_norm(M_new, max_norm)
+
+    M_ref, S_ref = torch.stack(M_refs, 2), torch.stack(S_seens, 2)  # (B, H, nc, Dv, Dk)
+    err = _errors(pk, v, M_ref, huber_delta)  # (B, H, nc, n+W-1, Dv), recomputed in one batch
+    y = (P[..., None] * (q_c @ M_ref.transpose(-1, -2)) + f[..., None] * (q_c @ S_ref.transpose(-1, -2))
+         - A @ err)  # (B, H, nc, n, Dv)
+    return y.flatten(2, 3), M, S
+
+
+def _errors(pk, v, M, huber_delta):
+    """e_i = M_ref phi(k_i) - v_i; Huber's gradient is the clipped error."""
+    err = pk @ M.transpose(-1, -2) - v
+    return err if huber_delta is None else err.clamp(-huber_delta, huber_delta)

@@ -24,6 +24,10 @@ from .logbook import Logbook, progress
 from .optim import lr_at, make_optimizer, set_lr
 from .rundir import write_config
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the run stops before writing a broken checkpoint."""
+
+
 PROMPTS = ["The quick brown fox", "Once upon a time", "She walked into the room and", "The capital of France is"]
 
 
@@ -105,6 +109,11 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
         if step % t.log_every == 0 or step == last_step:
             dt = time.perf_counter() - t_log
             mean_loss = (loss_sum / steps_since_log).item()
+            if not math.isfinite(mean_loss):
+                log.record("events", {"step": step, "event": "alert", "kind": "diverged", "loss": str(mean_loss)})
+                log.line(f"ALERT step {step}: loss is {mean_loss}; stopping (last checkpoint stays valid)")
+                log.close()
+                raise TrainingDiverged(f"loss became {mean_loss} by step {step}; see {run_dir / 'training.log'}")
             tok_s = tokens_per_step * steps_since_log / dt
             row = {"step": step, "loss": mean_loss, "ppl": math.exp(min(mean_loss, 50.0)), "lr": lr,
                    "grad_norm": grad_norm.item(), "tokens_per_s": tok_s, "stage": stage_idx,
