@@ -3,11 +3,22 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
 from .chunked import memory_scan_chunked
 from .reference import memory_scan_reference
 from .state import MemoryState
 
-IMPLS = {"reference": memory_scan_reference, "chunked": memory_scan_chunked}
+
+def _memory_scan_triton(*args, **kwargs):
+    """Imported on first use, so that machines without triton still import atlas."""
+    try:
+        from .triton_scan import memory_scan_triton
+    except ImportError as e:
+        raise UserError(f"memory_scan(impl='triton') needs triton ({e}); pip install 'atlas-lm[gpu]'") from e
+    return memory_scan_triton(*args, **kwargs)
+
+
+IMPLS = {"reference": memory_scan_reference, "chunked": memory_scan_chunked, "triton": _memory_scan_triton}
 
 
 def memory_scan(q, k, v, alpha, eta, theta, gamma=None, *, chunk_size, window=1, poly=None,
@@ -60,7 +71,9 @@ def memory_scan(q, k, v, alpha, eta, theta, gamma=None, *, chunk_size, window=1,
     state = MemoryState(*(t.to(dt) for t in (state.M, state.S, state.k, state.v, state.gamma)))
     if gamma is None:
         gamma = torch.ones_like(alpha)
-    args = [t.to(dt) for t in (q, k, v, alpha, eta, theta, gamma)]
+    # the Triton kernels read bf16/fp16 q, k, v as they are (half the bytes) and widen them on load
+    keep = 3 if impl == "triton" and q.dtype in (torch.bfloat16, torch.float16) else 0
+    args = [t if i < keep else t.to(dt) for i, t in enumerate((q, k, v, alpha, eta, theta, gamma))]
     if T == 0:
         return q.new_zeros(B, 0, H, Dv), state
     y, new_state = IMPLS[impl](*args, chunk_size=chunk_size, window=window,

@@ -1,0 +1,278 @@
+"""Triton kernels of the memory scan (DESIGN.md §1): two sequential passes over sub-chunks for the
+states, two parallel kernels for everything else. triton_scan.py prepares their inputs.
+
+Per (batch, head) and sub-chunk s, with Q (BT, Dk) the sub-chunk's phi(q), K (BL, Dk) and V (BL, Dv)
+its window keys and values (W-1 halo rows first), Ms, Ss (Dv, Dk) the memory and momentum at the
+sub-chunk start and Mr (Dv, Dk) the memory at the start of the chunk holding s (where gradients
+are taken; Mr = Ms unless a chunk spans several sub-chunks):
+
+    E  = clamp(K Mr^T - V)                                  errors, Huber-clipped when asked
+    Y  = P * (Q Ms^T) + f * (Q Ss^T) - (G * Q K^T) E         rows of P, f scale rows
+    M' = pl Ms + fl Ss - (gl * E)^T K        S' = pel Ss - (cs * E)^T K
+
+G, P, f, gl, cs, pl, fl, pel hold every gate (triton_scan.py builds them). Every matmul
+accumulates in float32; q/k/v may be bf16 in memory and are widened on load.
+Tensor layouts (all contiguous): Q, Y, dY (B, NSC, BT, H, D); K, V (B, NSC, BL, H, D);
+G (B, H, NSC, BT, BL); P, f (B, H, NSC, BT); gl, cs (B, H, NSC, BL); LAST = (pl, fl, pel)
+(B, H, NSC, 3); states M0, S0 (B, H, Dv, Dk); per-sub-chunk states (B, H, NSC, Dv, Dk);
+REF (NSC,) int32: the first sub-chunk of s's chunk.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+
+def _configs(bvs, warps):
+    """A few block shapes for H100. One under the CPU interpreter, where timing means nothing, and
+    one with ATLAS_TRITON_TUNE=0 (tests on many small shapes: compile each once, not per config)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BV": 16}, num_warps=4)]
+    if os.environ.get("ATLAS_TRITON_TUNE") == "0":
+        return [triton.Config({"BV": 32}, num_warps=4, num_stages=2)]
+    return [triton.Config({"BV": bv}, num_warps=w, num_stages=2) for bv in bvs for w in warps]
+
+
+@triton.jit
+def _tile(ptr, rows, cols, ld, ncols):
+    """Load a (len(rows), len(cols)) tile of a row-major matrix with row stride ld, widened to float32."""
+    return tl.load(ptr + rows[:, None] * ld + cols[None, :], mask=cols[None, :] < ncols, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _raw(ptr, rows, cols, ld, ncols):
+    """_tile in the tensor's own dtype: bf16 operands feed the tensor cores as they are."""
+    return tl.load(ptr + rows[:, None] * ld + cols[None, :], mask=cols[None, :] < ncols, other=0.0)
+
+
+@triton.jit
+def _mm(a, b, PREC: tl.constexpr):
+    """a @ b accumulated in float32: bf16 operands multiply exactly, float32 ones at PREC."""
+    if a.dtype == tl.float32:
+        c = tl.dot(a, b, input_precision=PREC)
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+@triton.jit
+def _state(ptr, base, rv, rk, DV, DK):
+    """Load the (BV, BK) tile at rows rv of the (Dv, Dk) float32 state starting at ptr + base."""
+    return tl.load(ptr + base + rv[:, None] * DK + rk[None, :], mask=(rv[:, None] < DV) & (rk[None, :] < DK), other=0.0)
+
+
+@triton.jit
+def _store(ptr, rows, cols, ld, ncols, x):
+    tl.store(ptr + rows[:, None] * ld + cols[None, :], x.to(ptr.dtype.element_ty), mask=cols[None, :] < ncols)
+
+
+@triton.autotune(configs=_configs([16, 32], [4, 8]), key=["BL", "BK", "DV"])
+@triton.jit
+def _fwd_state(K, V, GL, CS, LAST, REF, M0, S0, MS, SS, MOUT, SOUT, NSC, H, DK, DV, delta,
+               BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               HUBER: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr):
+    """Sequential over sub-chunks: store Ms, Ss at each start, return the final M, S. Grid (B*H, Dv/BV)."""
+    bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // H, bh % H
+    rv = tl.program_id(1) * BV + tl.arange(0, BV)
+    rk, rl = tl.arange(0, BK), tl.arange(0, BL)
+    sm = (rv[:, None] < DV) & (rk[None, :] < DK)
+    st = rv[:, None] * DK + rk[None, :]  # (BV, BK) offsets inside one (Dv, Dk) state
+    M = tl.load(M0 + bh * DV * DK + st, mask=sm, other=0.0)
+    S = tl.load(S0 + bh * DV * DK + st, mask=sm, other=0.0)
+    Mr = M
+    for s in range(NSC):
+        if BIG:  # a chunk starts here: gradients of its sub-chunks are taken at this M
+            Mr = tl.where(tl.load(REF + s) == s, M, Mr)
+        else:
+            Mr = M
+        o = (bh * NSC + s) * DV * DK
+        tl.store(MS + o + st, M, mask=sm)
+        tl.store(SS + o + st, S, mask=sm)
+        krow = ((b * NSC + s) * BL + rl) * H + h  # (BL,) row index into K and V
+        k = _tile(K, krow, rk, DK, DK)  # (BL, BK)
+        E = tl.dot(k, tl.trans(Mr), input_precision=PREC) - _tile(V, krow, rv, DV, DV)  # (BL, BV)
+        if HUBER:
+            E = tl.minimum(tl.maximum(E, -delta), delta)
+        g = (bh * NSC + s) * BL + rl
+        gl, cs = tl.load(GL + g), tl.load(CS + g)  # (BL,)
+        pl, fl, pel = tl.load(LAST + (bh * NSC + s) * 3), tl.load(LAST + (bh * NSC + s) * 3 + 1), \
+            tl.load(LAST + (bh * NSC + s) * 3 + 2)
+        M_next = pl * M + fl * S - tl.dot(tl.trans(gl[:, None] * E), k, input_precision=PREC)
+        S = pel * S - tl.dot(tl.trans(cs[:, None] * E), k, input_precision=PREC)
+        M = M_next
+    tl.store(MOUT + bh * DV * DK + st, M, mask=sm)
+    tl.store(SOUT + bh * DV * DK + st, S, mask=sm)
+
+
+@triton.autotune(configs=_configs([32, 64], [4, 8]), key=["BT", "BL", "BK", "DV"])
+@triton.jit
+def _fwd_out(Q, K, V, G, P, F, REF, MS, SS, Y, NSC, H, DK, DV, delta,
+             BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+             HUBER: tl.constexpr, PREC: tl.constexpr):
+    """Y of one sub-chunk and one Dv tile. Grid (NSC, B*H, Dv/BV)."""
+    s = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    rv = tl.program_id(2) * BV + tl.arange(0, BV)
+    rk, rl, rt = tl.arange(0, BK), tl.arange(0, BL), tl.arange(0, BT)
+    qrow = ((b * NSC + s) * BT + rt) * H + h
+    krow = ((b * NSC + s) * BL + rl) * H + h
+    q, k = _raw(Q, qrow, rk, DK, DK), _raw(K, krow, rk, DK, DK)  # (BT, BK), (BL, BK)
+    g = (bh * NSC + s) * BT + rt
+    A = _mm(q, tl.trans(k), PREC) * _tile(G, g, rl, BL, BL)  # (BT, BL)
+    q, k = q.to(tl.float32), k.to(tl.float32)  # products with the float32 states run at PREC
+    o = (bh * NSC + s) * DV * DK
+    Ms, Ss = _state(MS, o, rv, rk, DV, DK), _state(SS, o, rv, rk, DV, DK)  # (BV, BK)
+    Mr = _state(MS, (bh * NSC + tl.load(REF + s)) * DV * DK, rv, rk, DV, DK)
+    E = tl.dot(k, tl.trans(Mr), input_precision=PREC) - _tile(V, krow, rv, DV, DV)  # (BL, BV)
+    if HUBER:
+        E = tl.minimum(tl.maximum(E, -delta), delta)
+    y = (tl.load(P + g)[:, None] * tl.dot(q, tl.trans(Ms), input_precision=PREC)
+         + tl.load(F + g)[:, None] * tl.dot(q, tl.trans(Ss), input_precision=PREC)
+         - tl.dot(A, E, input_precision=PREC))  # (BT, BV)
+    _store(Y, qrow, rv, DV, DV, y)
+
+
+@triton.autotune(configs=_configs([16, 32], [4, 8]), key=["BT", "BL", "BK", "DV"])
+@triton.jit
+def _bwd_state(Q, K, V, G, P, F, GL, CS, LAST, REF, MS, DY, DMOUT, DSOUT, DME, DSE, DVB, DM0, DS0,
+               NSC, H, DK, DV, delta, BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr,
+               BV: tl.constexpr, HUBER: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr):
+    """Reverse pass over sub-chunks: store the cotangents dM', dS' of each sub-chunk's end states
+    and dV (= minus the error cotangent); return dM0, dS0.
+    Grid (B*H, Dv/BV)."""
+    bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // H, bh % H
+    rv = tl.program_id(1) * BV + tl.arange(0, BV)
+    rk, rl, rt = tl.arange(0, BK), tl.arange(0, BL), tl.arange(0, BT)
+    sm = (rv[:, None] < DV) & (rk[None, :] < DK)
+    st = rv[:, None] * DK + rk[None, :]
+    dM = tl.load(DMOUT + bh * DV * DK + st, mask=sm, other=0.0)  # (BV, BK) cotangent of the running M
+    dS = tl.load(DSOUT + bh * DV * DK + st, mask=sm, other=0.0)
+    dMr = tl.zeros([BV, BK], dtype=tl.float32)  # cotangent of the chunk-start M, from the errors
+    for i in range(NSC):
+        s = NSC - 1 - i
+        o = (bh * NSC + s) * DV * DK
+        tl.store(DME + o + st, dM, mask=sm)
+        tl.store(DSE + o + st, dS, mask=sm)
+        qrow = ((b * NSC + s) * BT + rt) * H + h
+        krow = ((b * NSC + s) * BL + rl) * H + h
+        # products of q, k, dY alone run in their own dtype; those with the carried cotangents at PREC
+        q, k = _raw(Q, qrow, rk, DK, DK), _raw(K, krow, rk, DK, DK)  # (BT, BK), (BL, BK)
+        k32 = k.to(tl.float32)
+        dy = _raw(DY, qrow, rv, DV, DV)  # (BT, BV)
+        g = (bh * NSC + s) * BT + rt
+        A = _mm(q, tl.trans(k), PREC) * _tile(G, g, rl, BL, BL)  # (BT, BL)
+        gk = (bh * NSC + s) * BL + rl
+        dE = (-_mm(tl.trans(A.to(dy.dtype)), dy, PREC)
+              - tl.load(GL + gk)[:, None] * tl.dot(k32, tl.trans(dM), input_precision=PREC)
+              - tl.load(CS + gk)[:, None] * tl.dot(k32, tl.trans(dS), input_precision=PREC))  # (BL, BV)
+        if HUBER:  # clamp passes the cotangent only where the error was inside [-delta, delta]
+            Mr = _state(MS, (bh * NSC + tl.load(REF + s)) * DV * DK, rv, rk, DV, DK)
+            E0 = tl.dot(k32, tl.trans(Mr), input_precision=PREC) - _tile(V, krow, rv, DV, DV)
+            dE = tl.where(tl.abs(E0) <= delta, dE, 0.0)
+        _store(DVB, krow, rv, DV, DV, -dE)
+        lo = (bh * NSC + s) * 3
+        pl, fl, pel = tl.load(LAST + lo), tl.load(LAST + lo + 1), tl.load(LAST + lo + 2)
+        dM_prev = pl * dM + _mm(tl.trans((tl.load(P + g)[:, None] * dy).to(q.dtype)), q, PREC)
+        dS = fl * dM + pel * dS + _mm(tl.trans((tl.load(F + g)[:, None] * dy).to(q.dtype)), q, PREC)
+        through_E = tl.dot(tl.trans(dE), k32, input_precision=PREC)  # (BV, BK)
+        if BIG:  # errors read the chunk-start M: collect, and hand over where that chunk starts
+            dMr += through_E
+            first = tl.load(REF + s) == s
+            dM_prev = tl.where(first, dM_prev + dMr, dM_prev)
+            dMr = tl.where(first, 0.0, dMr)
+        else:
+            dM_prev += through_E
+        dM = dM_prev
+    tl.store(DM0 + bh * DV * DK + st, dM, mask=sm)
+    tl.store(DS0 + bh * DV * DK + st, dS, mask=sm)
+
+
+@triton.autotune(configs=_configs([16, 32, 64], [4, 8]), key=["BT", "BL", "BK", "DV"])
+@triton.jit
+def _bwd_q(Q, K, V, G, P, F, REF, MS, SS, DY, DQ, DG, DA, DP, DF, NSC, H, DK, DV, delta,
+           BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+           HUBER: tl.constexpr, PREC: tl.constexpr):
+    """Query-side gradients of one sub-chunk (dQ, dG, dP, df) and dA, the cotangent of Q K^T that
+    _bwd_k needs, looping over Dv tiles. Grid (NSC, B*H)."""
+    s = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    rk, rl, rt = tl.arange(0, BK), tl.arange(0, BL), tl.arange(0, BT)
+    qrow = ((b * NSC + s) * BT + rt) * H + h
+    krow = ((b * NSC + s) * BL + rl) * H + h
+    q, k = _tile(Q, qrow, rk, DK, DK), _tile(K, krow, rk, DK, DK)  # (BT, BK), (BL, BK)
+    g = (bh * NSC + s) * BT + rt
+    p, f = tl.load(P + g), tl.load(F + g)  # (BT,)
+    dq = tl.zeros([BT, BK], dtype=tl.float32)
+    dyE = tl.zeros([BT, BL], dtype=tl.float32)  # dY E^T, summed over Dv
+    dp, df = tl.zeros([BT], dtype=tl.float32), tl.zeros([BT], dtype=tl.float32)
+    o, oref = (bh * NSC + s) * DV * DK, (bh * NSC + tl.load(REF + s)) * DV * DK
+    for v0 in range(0, DV, BV):
+        rv = v0 + tl.arange(0, BV)
+        Ms, Ss = _state(MS, o, rv, rk, DV, DK), _state(SS, o, rv, rk, DV, DK)  # (BV, BK)
+        dy = _tile(DY, qrow, rv, DV, DV)  # (BT, BV)
+        E = tl.dot(k, tl.trans(_state(MS, oref, rv, rk, DV, DK)), input_precision=PREC) - _tile(V, krow, rv, DV, DV)
+        if HUBER:
+            E = tl.minimum(tl.maximum(E, -delta), delta)
+        dyE += tl.dot(dy, tl.trans(E), input_precision=PREC)
+        dp += tl.sum(dy * tl.dot(q, tl.trans(Ms), input_precision=PREC), 1)
+        df += tl.sum(dy * tl.dot(q, tl.trans(Ss), input_precision=PREC), 1)
+        dq += tl.dot(p[:, None] * dy, Ms, input_precision=PREC) + tl.dot(f[:, None] * dy, Ss, input_precision=PREC)
+    A = _mm(_raw(Q, qrow, rk, DK, DK), tl.trans(_raw(K, krow, rk, DK, DK)), PREC)  # (BT, BL)
+    dA = -_tile(G, g, rl, BL, BL) * dyE
+    _store(DG, g, rl, BL, BL, -A * dyE)
+    _store(DA, g, rl, BL, BL, dA)
+    _store(DQ, qrow, rk, DK, DK, dq + tl.dot(dA, k, input_precision=PREC))
+    tl.store(DP + g, dp)
+    tl.store(DF + g, df)
+
+
+@triton.autotune(configs=_configs([16, 32, 64], [4, 8]), key=["BT", "BL", "BK", "DV"])
+@triton.jit
+def _bwd_k(Q, K, V, GL, CS, REF, MS, SS, DME, DSE, DVB, DA, DKK, DGL, DCS, DLAST, NSC, H, DK, DV, delta,
+           BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+           HUBER: tl.constexpr, PREC: tl.constexpr):
+    """Key-side gradients of one sub-chunk (dK, dgl, dcs) and those of its end factors (pl, fl, pel),
+    looping over Dv tiles. Grid (NSC, B*H)."""
+    s = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    rk, rl, rt = tl.arange(0, BK), tl.arange(0, BL), tl.arange(0, BT)
+    krow = ((b * NSC + s) * BL + rl) * H + h
+    k = _tile(K, krow, rk, DK, DK)  # (BL, BK)
+    gk = (bh * NSC + s) * BL + rl
+    gl, cs = tl.load(GL + gk), tl.load(CS + gk)  # (BL,)
+    dk = tl.zeros([BL, BK], dtype=tl.float32)
+    dgl, dcs = tl.zeros([BL], dtype=tl.float32), tl.zeros([BL], dtype=tl.float32)
+    dpl, dfl, dpel = tl.zeros([BK], dtype=tl.float32), tl.zeros([BK], dtype=tl.float32), tl.zeros([BK], dtype=tl.float32)
+    o, oref = (bh * NSC + s) * DV * DK, (bh * NSC + tl.load(REF + s)) * DV * DK
+    for v0 in range(0, DV, BV):
+        rv = v0 + tl.arange(0, BV)
+        Mr = _state(MS, oref, rv, rk, DV, DK)  # (BV, BK)
+        dMe, dSe = _state(DME, o, rv, rk, DV, DK), _state(DSE, o, rv, rk, DV, DK)
+        Ms, Ss = _state(MS, o, rv, rk, DV, DK), _state(SS, o, rv, rk, DV, DK)
+        dpl += tl.sum(dMe * Ms, 0)  # M' = pl Ms + fl Ss + ...,  S' = pel Ss + ...
+        dfl += tl.sum(dMe * Ss, 0)
+        dpel += tl.sum(dSe * Ss, 0)
+        dE = -_tile(DVB, krow, rv, DV, DV)  # (BL, BV) error cotangent, masked by Huber already
+        E = tl.dot(k, tl.trans(Mr), input_precision=PREC) - _tile(V, krow, rv, DV, DV)
+        if HUBER:
+            E = tl.minimum(tl.maximum(E, -delta), delta)
+        dgl -= tl.sum(E * tl.dot(k, tl.trans(dMe), input_precision=PREC), 1)
+        dcs -= tl.sum(E * tl.dot(k, tl.trans(dSe), input_precision=PREC), 1)
+        dk += (tl.dot(dE, Mr, input_precision=PREC) - tl.dot(gl[:, None] * E, dMe, input_precision=PREC)
+               - tl.dot(cs[:, None] * E, dSe, input_precision=PREC))
+    qrow = ((b * NSC + s) * BT + rt) * H + h
+    dA = _tile(DA, (bh * NSC + s) * BT + rt, rl, BL, BL)  # (BT, BL)
+    _store(DKK, krow, rk, DK, DK, dk + tl.dot(tl.trans(dA), _tile(Q, qrow, rk, DK, DK), input_precision=PREC))
+    tl.store(DGL + gk, dgl)
+    tl.store(DCS + gk, dcs)
+    lo = (bh * NSC + s) * 3
+    tl.store(DLAST + lo, tl.sum(dpl, 0))
+    tl.store(DLAST + lo + 1, tl.sum(dfl, 0))
+    tl.store(DLAST + lo + 2, tl.sum(dpel, 0))

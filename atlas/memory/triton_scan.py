@@ -1,0 +1,266 @@
+"""`impl="triton"`: the chunked function (chunked.py) with its heavy part in Triton kernels.
+
+Split in two:
+  * gates, in PyTorch (autograd differentiates them): for every sub-chunk at once, the decay
+    matrices of chunked.py -- G, P, f, c_S and the end-of-sub-chunk factors pl, fl, pel, gl;
+  * the scan, a `torch.library.custom_op` with a hand-written backward (triton_kernels.py): a
+    sequential pass over sub-chunks for the states, then parallel kernels for y and gradients.
+
+Sub-chunks: kernels work on blocks of at most SUB_CHUNK tokens. A chunk longer than that is cut
+into sub-chunks whose errors all use the memory at the *chunk* start (the kernels carry it), so
+chunk 2048 is the same function at the cost of chunk 64. Every (sub-)chunk is padded to BT rows
+(a power of two) with inert gates (alpha = 0, eta = 1, theta = 0) and gamma = 0 on padded keys,
+so padding changes nothing, and the end-of-sub-chunk factors are read at its last real row.
+
+Not in the kernels (they fall back to `chunked` with a warning): muon, max_norm, float64 inputs,
+Dk > 128, and windows longer than SUB_CHUNK tokens.
+"""
+import functools
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import triton
+
+from ..errors import UserError
+from . import triton_kernels as kern
+from .chunked import _GATE_MIN, _decay_matrix, memory_scan_chunked
+from .state import MemoryState, apply_poly
+
+SUB_CHUNK = 64  # tokens per kernel block; tests lower it to reach the multi-sub-chunk path cheaply
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where each token sits in the padded sub-chunk layout (all index tensors on the device)."""
+    NSC: int  # sub-chunks
+    BT: int  # query rows per sub-chunk (padded)
+    BL: int  # key rows per sub-chunk: W-1 halo rows, then the sub-chunk's own (padded)
+    identity: bool  # the layout is a plain reshape: no gathers needed
+    big: bool  # some chunk spans several sub-chunks
+    last_row: Union[int, None]  # the last real row, where it is the same in every sub-chunk
+    qidx: torch.Tensor  # (NSC*BT,) token of each query row (0 on padding)
+    qpad: torch.Tensor  # (NSC, BT) True on padded query rows
+    kidx: torch.Tensor  # (NSC*BL,) halo-coordinate row of each key row (0 on padding)
+    kpad: torch.Tensor  # (NSC, BL)
+    yidx: torch.Tensor  # (T,) row of each token in the flattened (NSC*BT) layout
+    last: torch.Tensor  # (NSC,) last real row of each sub-chunk
+    ref: torch.Tensor  # (NSC,) int32 first sub-chunk of each sub-chunk's chunk
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(T: int, chunk: int, W: int, sub: int, device: torch.device) -> _Plan:
+    # equal sub-chunks, as few as keep each one's window keys (bs + W - 1) within sub rows
+    n_sub = -(-chunk // (sub + 1 - W))
+    bs = -(-chunk // n_sub)
+    BT = max(16, triton.next_power_of_2(bs))
+    BL = max(16, triton.next_power_of_2(bs + W - 1))
+    starts, lens, ref = [], [], []
+    for c0 in range(0, T, chunk):
+        first, n = len(starts), min(chunk, T - c0)
+        for s0 in range(0, n, bs):
+            starts.append(c0 + s0)
+            lens.append(min(bs, n - s0))
+            ref.append(first)
+    st, ln = torch.tensor(starts)[:, None], torch.tensor(lens)[:, None]  # (NSC, 1)
+    qpos, kpos = st + torch.arange(BT), st + torch.arange(BL)  # (NSC, BT), (NSC, BL)
+    qpad, kpad = torch.arange(BT) >= ln, torch.arange(BL) >= ln + W - 1
+    yidx = torch.arange(len(starts) * BT).view(-1, BT)[~qpad]
+    identity = BT == bs and BL == bs and T % bs == 0 and chunk % bs == 0
+    full = T % chunk == 0 and chunk % bs == 0  # every sub-chunk ends at row bs - 1
+    to = functools.partial(torch.Tensor.to, device=device)
+    return _Plan(len(starts), BT, BL, identity, bs < chunk and T > bs, bs - 1 if full else None, to(qpos.masked_fill(qpad, 0).flatten()), to(qpad),
+                 to(kpos.masked_fill(kpad, 0).flatten()), to(kpad), to(yidx), to(ln[:, 0] - 1),
+                 to(torch.tensor(ref, dtype=torch.int32)))
+
+
+def _rows(x, idx, plan, rows):
+    """(B, N, ...) -> (B, NSC, rows, ...): the rows each sub-chunk reads, in the padded layout."""
+    if plan.identity:
+        return x.reshape(x.shape[0], plan.NSC, rows, *x.shape[2:])
+    return x.index_select(1, idx).view(x.shape[0], plan.NSC, rows, *x.shape[2:])
+
+
+def _gates(alpha, eta, theta, gx, W, plan):
+    """chunked.py's gate algebra for every sub-chunk at once, in float32 (autograd does the rest).
+
+    alpha, eta, theta (B, T, H); gx (B, W-1+T, H) Omega weights with the halo's first.
+    Returns G (B, H, NSC, BT, BL), P, f (B, H, NSC, BT), gl, cs (B, H, NSC, BL), last (B, H, NSC, 3).
+    """
+    def q_rows(x, pad_value):  # (B, T, H) -> (B, H, NSC, BT), padded rows inert
+        return _rows(x, plan.qidx, plan, plan.BT).masked_fill(plan.qpad[None, :, :, None], pad_value).permute(0, 3, 1, 2)
+    alpha_max = 1 - torch.finfo(alpha.dtype).eps / 2  # chunked's clamps: edges stay finite in the logs
+    log_beta = q_rows(torch.log1p(-alpha.clamp(max=alpha_max)), 0.0)
+    log_eta = q_rows(torch.log(eta.clamp(min=_GATE_MIN)), 0.0)
+    th = q_rows(theta, 0.0)
+    gk = _rows(gx, plan.kidx, plan, plan.BL).masked_fill(plan.kpad[None, :, :, None], 0.0).permute(0, 3, 1, 2)
+
+    Lb, cb = _decay_matrix(log_beta, alpha.dtype)  # (B, H, NSC, BT, BT)
+    Le, ce = _decay_matrix(log_eta, alpha.dtype)
+    P, Pe = torch.exp(cb).to(alpha.dtype), torch.exp(ce).to(alpha.dtype)  # (B, H, NSC, BT)
+    f = (Lb @ Pe[..., None])[..., 0]
+    m = torch.arange(plan.BT, device=alpha.device)[:, None]
+    i = torch.arange(plan.BL, device=alpha.device)[None, :]
+    band = ((i >= m) & (i <= m + W - 1)).to(alpha.dtype)  # (BT, BL): key i is in query m's window
+    thb = th[..., None] * band  # (B, H, NSC, BT, BL)
+    G = ((Lb @ Le) @ thb) * gk[..., None, :]
+
+    def at_last(x):  # (B, H, NSC, BT, *rest) -> (B, H, NSC, *rest): each sub-chunk's last real row
+        if plan.last_row is not None:
+            return x[:, :, :, plan.last_row]
+        idx = plan.last.view(1, 1, -1, 1, *(1,) * (x.dim() - 4)).expand(*x.shape[:3], 1, *x.shape[4:])
+        return x.gather(3, idx).squeeze(3)
+    cs = (at_last(Le)[..., None, :] @ thb)[..., 0, :] * gk  # (B, H, NSC, BL)
+    last = torch.stack([at_last(P), at_last(f), at_last(Pe)], dim=-1)  # (B, H, NSC, 3): pl, fl, pel
+    return G, P, f, at_last(G), cs, last
+
+
+_compiled_gates = None
+
+
+def _gates_for(device):
+    """_gates through torch.compile on CUDA: fused, its ~50 small ops stop costing a launch each
+    (eager: ~1.7 ms of a 5.4 ms step at 2x4096x8x128). ATLAS_TRITON_COMPILE_GATES=0 turns it off;
+    inside a model being compiled it is simply traced along."""
+    global _compiled_gates
+    if device.type != "cuda" or torch.compiler.is_compiling() or os.environ.get("ATLAS_TRITON_COMPILE_GATES") == "0":
+        return _gates
+    if _compiled_gates is None:
+        _compiled_gates = torch.compile(_gates, dynamic=False)
+    return _compiled_gates
+
+
+# --- the custom op ---------------------------------------------------------------------------
+def _launch_args(q, k, Dv):
+    B, NSC, BT, H, Dk = q.shape
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"  # bf16 data: tf32 keeps the float32 states' bits
+    return B, NSC, BT, k.shape[2], H, Dk, Dv, triton.next_power_of_2(max(Dk, 16)), prec
+
+
+@torch.library.custom_op("atlas::memory_scan_fwd", mutates_args=())
+def _scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, G: torch.Tensor, P: torch.Tensor,
+              f: torch.Tensor, gl: torch.Tensor, cs: torch.Tensor, last: torch.Tensor, ref: torch.Tensor,
+              M0: torch.Tensor, S0: torch.Tensor, huber: Optional[float], big: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y (B, NSC, BT, H, Dv), final M and S (B, H, Dv, Dk), and the sub-chunk-start states
+    Ms, Ss (B, H, NSC, Dv, Dk) the backward reads."""
+    B, NSC, BT, BL, H, Dk, Dv, BK, prec = _launch_args(q, k, v.shape[-1])
+    Ms = M0.new_empty(B, H, NSC, Dv, Dk)
+    Ss, Mout, Sout = torch.empty_like(Ms), torch.empty_like(M0), torch.empty_like(S0)
+    y = q.new_empty(B, NSC, BT, H, Dv)
+    delta = huber or 0.0
+    kern._fwd_state[lambda m: (B * H, triton.cdiv(Dv, m["BV"]))](
+        k, v, gl, cs, last, ref, M0, S0, Ms, Ss, Mout, Sout, NSC, H, Dk, Dv, delta,
+        BL=BL, BK=BK, HUBER=huber is not None, BIG=big, PREC=prec)
+    kern._fwd_out[lambda m: (NSC, B * H, triton.cdiv(Dv, m["BV"]))](
+        q, k, v, G, P, f, ref, Ms, Ss, y, NSC, H, Dk, Dv, delta,
+        BT=BT, BL=BL, BK=BK, HUBER=huber is not None, PREC=prec)
+    return y, Mout, Sout, Ms, Ss
+
+
+@_scan_fwd.register_fake
+def _(q, k, v, G, P, f, gl, cs, last, ref, M0, S0, huber, big):
+    B, NSC, BT, H, Dk = q.shape
+    Ms = M0.new_empty(B, H, NSC, v.shape[-1], Dk)
+    return q.new_empty(B, NSC, BT, H, v.shape[-1]), torch.empty_like(M0), torch.empty_like(S0), Ms, torch.empty_like(Ms)
+
+
+@torch.library.custom_op("atlas::memory_scan_bwd", mutates_args=())
+def _scan_bwd(dy: torch.Tensor, dM: torch.Tensor, dS: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor, G: torch.Tensor, P: torch.Tensor, f: torch.Tensor, gl: torch.Tensor,
+              cs: torch.Tensor, last: torch.Tensor, ref: torch.Tensor, Ms: torch.Tensor, Ss: torch.Tensor,
+              huber: Optional[float], big: bool) -> list[torch.Tensor]:
+    """Gradients of (q, k, v, G, P, f, gl, cs, last, M0, S0) given those of (y, M, S)."""
+    B, NSC, BT, BL, H, Dk, Dv, BK, prec = _launch_args(q, k, v.shape[-1])
+    dy = dy.contiguous()
+    dMe, dSe = torch.empty_like(Ms), torch.empty_like(Ss)
+    dM0, dS0 = torch.empty_like(dM), torch.empty_like(dS)
+    dv = torch.empty_like(v)
+    delta, hub = huber or 0.0, huber is not None
+    kern._bwd_state[lambda m: (B * H, triton.cdiv(Dv, m["BV"]))](
+        q, k, v, G, P, f, gl, cs, last, ref, Ms, dy, dM, dS, dMe, dSe, dv, dM0, dS0,
+        NSC, H, Dk, Dv, delta, BT=BT, BL=BL, BK=BK, HUBER=hub, BIG=big, PREC=prec)
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    dG, dA, dP, df, dgl, dcs, dlast = (torch.empty_like(x) for x in (G, G, P, f, gl, cs, last))
+    kern._bwd_q[(NSC, B * H)](q, k, v, G, P, f, ref, Ms, Ss, dy, dq, dG, dA, dP, df, NSC, H, Dk, Dv, delta,
+                              BT=BT, BL=BL, BK=BK, HUBER=hub, PREC=prec)
+    kern._bwd_k[(NSC, B * H)](q, k, v, gl, cs, ref, Ms, Ss, dMe, dSe, dv, dA, dk, dgl, dcs, dlast,
+                              NSC, H, Dk, Dv, delta, BT=BT, BL=BL, BK=BK, HUBER=hub, PREC=prec)
+    return [dq, dk, dv, dG, dP, df, dgl, dcs, dlast, dM0, dS0]
+
+
+@_scan_bwd.register_fake
+def _(dy, dM, dS, q, k, v, G, P, f, gl, cs, last, ref, Ms, Ss, huber, big):
+    return [torch.empty_like(x) for x in (q, k, v, G, P, f, gl, cs, last, dM, dS)]
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, G, P, f, gl, cs, last, ref, M0, S0, huber, big = inputs
+    ctx.save_for_backward(q, k, v, G, P, f, gl, cs, last, ref, output[3], output[4])
+    ctx.huber, ctx.big = huber, big
+    ctx.set_materialize_grads(False)  # no zero-filled cotangents for Ms, Ss (two 67 MB memsets at 4K tokens)
+
+
+def _backward(ctx, dy, dM, dS, _dMs, _dSs):
+    q, k, v, G, P, f, gl, cs, last, ref, Ms, Ss = ctx.saved_tensors
+    dy = q.new_zeros(*q.shape[:-1], v.shape[-1]) if dy is None else dy  # (B, NSC, BT, H, Dv)
+    dM = torch.zeros_like(Ms[:, :, 0]) if dM is None else dM.contiguous()  # (B, H, Dv, Dk)
+    dS = torch.zeros_like(Ms[:, :, 0]) if dS is None else dS.contiguous()
+    grads = _scan_bwd(dy, dM, dS, q, k, v, G, P, f, gl, cs, last, ref, Ms, Ss, ctx.huber, ctx.big)
+    return (*grads[:9], None, *grads[9:], None, None)
+
+
+_scan_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+# --- the impl --------------------------------------------------------------------------------
+def _fallback(reason, args, kw):
+    warnings.warn(f"memory_scan(impl='triton'): {reason}; using impl='chunked'", stacklevel=4)
+    dt = kw["state"].M.dtype
+    return memory_scan_chunked(*(t.to(dt) for t in args), **kw)
+
+
+def memory_scan_triton(q, k, v, alpha, eta, theta, gamma, *, chunk_size, window, poly, state,
+                       huber_delta=None, max_norm=None, muon=False):
+    """Same contract as memory_scan_chunked. q, k, v may be bf16/fp16 (read as such, accumulated in
+    float32); gates and state arrive in float32."""
+    kw = dict(chunk_size=chunk_size, window=window, poly=poly, state=state,
+              huber_delta=huber_delta, max_norm=max_norm, muon=muon)
+    args = (q, k, v, alpha, eta, theta, gamma)
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError("memory_scan(impl='triton') needs a CUDA device (or TRITON_INTERPRET=1 for the "
+                        "slow CPU interpreter); use impl='chunked' on CPU")
+    B, T, H, Dk = q.shape
+    W, dt = window, state.M.dtype
+    if muon or max_norm is not None:
+        return _fallback("muon and max_norm are not in the kernels", args, kw)
+    if dt == torch.float64:
+        return _fallback("the kernels compute in float32, not float64", args, kw)
+    if Dk > 128 or W > SUB_CHUNK:
+        return _fallback(f"Dk = {Dk} or window {W} is beyond the kernels' blocks (Dk <= 128, window <= {SUB_CHUNK})",
+                         args, kw)
+    make_plan = _plan.__wrapped__ if torch.compiler.is_compiling() else _plan  # dynamo traces through, uncached
+    plan = make_plan(T, chunk_size, W, SUB_CHUNK, q.device)
+    io = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else dt  # dtype of q, k, v in memory
+
+    def with_halo(halo, x):  # (B, W-1+T, ...): the halo's rows first; W = 1 skips the copy
+        return torch.cat([halo.to(x.dtype), x], dim=1) if W > 1 else x
+    kx, vx, gx = with_halo(state.k, k.to(io)), with_halo(state.v, v.to(io)), with_halo(state.gamma, gamma)
+    pq = q.to(io) if poly is None else apply_poly(q.to(dt), poly).to(io)
+    pkx = kx if poly is None else apply_poly(kx.to(dt), poly).to(io)
+    G, P, f, gl, cs, last = _gates_for(q.device)(alpha, eta, theta, gx, W, plan)
+    qs = _rows(pq, plan.qidx, plan, plan.BT).contiguous()  # (B, NSC, BT, H, Dk)
+    ks = _rows(pkx, plan.kidx, plan, plan.BL).contiguous()  # (B, NSC, BL, H, Dk)
+    vs = _rows(vx, plan.kidx, plan, plan.BL).contiguous()  # (B, NSC, BL, H, Dv)
+    y, M, S, _, _ = _scan_fwd(qs, ks, vs, G.contiguous(), P.contiguous(), f.contiguous(), gl.contiguous(),
+                              cs.contiguous(), last.contiguous(), plan.ref, state.M.contiguous(),
+                              state.S.contiguous(), huber_delta, plan.big)
+    y = y.view(B, -1, H, y.shape[-1])  # (B, NSC*BT, H, Dv)
+    y = y if plan.identity else y.index_select(1, plan.yidx)  # (B, T, H, Dv)
+
+    def tail(halo, x):  # the last W-1 raw rows of halo ++ x, in the state's dtype
+        x = torch.cat([halo, x[:, max(0, T - (W - 1)):].to(halo.dtype)], dim=1)
+        return x[:, x.shape[1] - (W - 1):]
+    return y, MemoryState(M=M, S=S, k=tail(state.k, k), v=tail(state.v, v), gamma=tail(state.gamma, gamma))
