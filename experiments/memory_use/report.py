@@ -56,9 +56,9 @@ def build(parts: dict) -> dict:
         res = parts["passkey"]["results"]
         L = res["atlas"]["train_len"]
         out["passkey"] = {"train_len": L, "eval_len": 4 * L,
-                          "atlas": res["atlas"]["accuracy"][str(4 * L)],
-                          "swa_only": res["swa_only"]["accuracy"][str(4 * L)],
-                          "by_length": {k: v["accuracy"] for k, v in res.items()}}
+                          **{k: (res[k]["accuracy"][str(4 * L)] if k in res else None) for k in ("atlas", "swa_only")},
+                          "by_length": {k: v["accuracy"] for k, v in res.items()},
+                          "budget": {k: {"steps": v["final_val"]["step"], "wall_s": v["wall_s"]} for k, v in res.items()}}
     return out
 
 
@@ -93,6 +93,19 @@ def plot(parts: dict, out_dir: Path) -> list[str]:
         fig.tight_layout()
         fig.savefig(out_dir / "loss.png", dpi=110)
         made.append("loss.png")
+    if "mqar" in parts:
+        res = {k: v for k, v in parts["mqar"]["results"].items() if v["gates"]}
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, r in res.items():
+            for layer in range(len(r["gates"][0][1])):
+                ax.plot([s for s, _ in r["gates"]], [v[layer] for _, v in r["gates"]], label=f"{name} layer {layer}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("gate (memory share)")
+        ax.set_title("MQAR: mixing gate per layer")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "mqar_gates.png", dpi=110)
+        made.append("mqar_gates.png")
     return made
 
 
