@@ -142,9 +142,27 @@ class _Lock:
         self.f.close()  # closing releases the lock
 
 
-def _mix(*parts) -> int:
-    """A 63-bit seed from ints, stable across processes (Python's hash() is salted)."""
+def mix(*parts) -> int:
+    """A 63-bit seed from ints and strings, stable across processes (Python's hash() is salted)."""
     return int.from_bytes(hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+class PositionStream:
+    """An endless batch stream whose whole state is `position`: the items of the global stream
+    all ranks have consumed. Subclasses set B (batch size) and W (world size) and define next()."""
+    B: int
+    W: int
+    position: int
+
+    def __next__(self):
+        return self.next()
+
+    def __iter__(self):
+        return self
+
+    def seek(self, step: int) -> None:
+        """Jump to training step `step` (as if next() had been called `step` times)."""
+        self.position = int(step) * self.B * self.W
 
 
 def _need(n_tokens: int, seq_len: int, where: str) -> None:
@@ -153,7 +171,7 @@ def _need(n_tokens: int, seq_len: int, where: str) -> None:
                         f"(seq_len + 1 = {seq_len + 1}); add text or lower seq_len")
 
 
-class Batches:
+class Batches(PositionStream):
     """Infinite deterministic training batches: next() -> (x, y), int64 tensors of shape (B, T).
 
     data: a TokenData (provenance available) or any 1-D integer array.
@@ -189,7 +207,7 @@ class Batches:
     def _starts(self, epoch: int) -> np.ndarray:
         """Window start offsets of `epoch` in visiting order, int64 (n_windows,)."""
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            rng = np.random.default_rng(_mix("atlas-batches", self.seed, epoch))
+            rng = np.random.default_rng(mix("atlas-batches", self.seed, epoch))
             phase = int(rng.integers(0, self.slack + 1))
             order = rng.permutation(self.n_windows).astype(np.int64)
             self._epoch_cache = (epoch, phase + order * self.T)
@@ -210,15 +228,6 @@ class Batches:
         win = np.asarray(self.tokens[starts[:, None] + np.arange(self.T + 1)], dtype=np.int64)  # (B, T+1)
         t = torch.from_numpy(win)
         return t[:, :-1], t[:, 1:]
-
-    __next__ = next
-
-    def __iter__(self):
-        return self
-
-    def seek(self, step: int) -> None:
-        """Jump to training step `step` (as if next() had been called `step` times)."""
-        self.position = int(step) * self.B * self.W
 
     def state_dict(self) -> dict:
         return {"position": self.position, "seed": self.seed, "seq_len": self.T,

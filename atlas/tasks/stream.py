@@ -11,22 +11,15 @@ stream is a fresh permutation of range(N) each epoch; without one, item i is exa
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Callable
 
 import numpy as np
 import torch
 
+from atlas.data.loader import PositionStream, mix  # noqa: F401  (mix: the tasks' seeds)
 from atlas.errors import UserError
 
 IGNORE = -100  # label of an unscored position (torch cross_entropy's default ignore_index)
-
-
-def mix(*parts) -> int:
-    """A 63-bit seed from ints and strings, stable across processes (hash() is salted)."""
-    digest = hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def check_batching(batch_size: int, rank: int, world_size: int) -> None:
@@ -35,7 +28,7 @@ def check_batching(batch_size: int, rank: int, world_size: int) -> None:
                         f"need batch_size >= 1 and 0 <= rank < world_size")
 
 
-class TaskBatches:
+class TaskBatches(PositionStream):
     """next() -> (x, y), int64 (B, T) each, y = -100 where unscored; last_modes: int8 (B, T)
     GateMode values of the last batch (1 STORAGE on facts, 2 RETRIEVAL on scored queries)."""
 
@@ -76,15 +69,6 @@ class TaskBatches:
         x, y, modes = self.make(ids)
         self.last_ids, self.last_modes = ids, modes
         return torch_pair(x, y)
-
-    __next__ = next
-
-    def __iter__(self):
-        return self
-
-    def seek(self, step: int) -> None:
-        """Jump to training step `step` (as if next() had been called `step` times)."""
-        self.position = int(step) * self.B * self.W
 
     def state_dict(self) -> dict:
         return {"position": self.position, "seed": self.seed, "task": dict(self.meta)}
