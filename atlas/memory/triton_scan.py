@@ -13,7 +13,12 @@ chunk 2048 is the same function at the cost of chunk 64. Every (sub-)chunk is pa
 so padding changes nothing, and the end-of-sub-chunk factors are read at its last real row.
 
 Not in the kernels (they fall back to `chunked` with a warning): muon, max_norm, float64 inputs,
-Dk > 128, and windows longer than SUB_CHUNK tokens.
+Dk > 128, and windows longer than SUB_CHUNK tokens. A window W > 1 shortens sub-chunks to
+SUB_CHUNK + 1 - W tokens or fewer (chunk 64, W = 4: two sub-chunks of 32), so it costs up to 2x.
+
+Measured on one H100 (bf16, B=2, T=4096, H=8, Dk=Dv=128, chunk 64, W=1, fwd+bwd): 3.0-4.5 ms
+eager, of which 1.8 ms on the GPU (kernels 1.4 ms, gates 0.4 ms); the rest is host overhead
+that a compiled or graph-captured caller hides. ||y - y_chunked|| / ||y_chunked|| = 2e-3.
 """
 import functools
 import os
@@ -71,9 +76,10 @@ def _plan(T: int, chunk: int, W: int, sub: int, device: torch.device) -> _Plan:
     identity = BT == bs and BL == bs and T % bs == 0 and chunk % bs == 0
     full = T % chunk == 0 and chunk % bs == 0  # every sub-chunk ends at row bs - 1
     to = functools.partial(torch.Tensor.to, device=device)
-    return _Plan(len(starts), BT, BL, identity, bs < chunk and T > bs, bs - 1 if full else None, to(qpos.masked_fill(qpad, 0).flatten()), to(qpad),
-                 to(kpos.masked_fill(kpad, 0).flatten()), to(kpad), to(yidx), to(ln[:, 0] - 1),
-                 to(torch.tensor(ref, dtype=torch.int32)))
+    return _Plan(len(starts), BT, BL, identity, big=bs < chunk and T > bs, last_row=bs - 1 if full else None,
+                 qidx=to(qpos.masked_fill(qpad, 0).flatten()), qpad=to(qpad),
+                 kidx=to(kpos.masked_fill(kpad, 0).flatten()), kpad=to(kpad), yidx=to(yidx),
+                 last=to(ln[:, 0] - 1), ref=to(torch.tensor(ref, dtype=torch.int32)))
 
 
 def _rows(x, idx, plan, rows):
