@@ -133,7 +133,10 @@ def bench_decode(preset: str, overrides: list[str], contexts: list[int], device)
     return rows
 
 
-def run(out_path: Path, smoke: bool) -> dict:
+SECTIONS = ("layer", "scaling", "model", "decode")
+
+
+def run(out_path: Path, smoke: bool, sections=SECTIONS, compile_model: bool = True) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -148,56 +151,81 @@ def run(out_path: Path, smoke: bool) -> dict:
         B, T, H, D, chunk, Ts, ctxs = 2, 4096, 8, 128, 64, [2048, 4096, 8192, 16384, 32768], [1024, 2048, 4096, 8192, 16384, 32768]
         # 8 memory heads of 128 (the Triton kernel takes Dk <= 128; the same parameters as 1 x 1024)
         model_over, mB, mT = ["model.memory.heads=8"], 2, 4096
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "command": "atlas bench" + (" --smoke" if smoke else ""), "dtype": str(dtype).replace("torch.", "")}
+    result = json.loads(out_path.read_text()) if out_path.exists() and set(sections) != set(SECTIONS) else {}
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    if result and result.get("device") != device_name:
+        result = {}  # never mix sections measured on different devices
+    result.update({"device": device_name, "dtype": str(dtype).replace("torch.", "")})
+    result.setdefault("commands", {})
+    result["command"] = "atlas bench  (sections and their exact commands: 'commands')"
     def save():  # after every section: a run cut short keeps what it measured
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=1) + "\n")
-    result["layer"] = bench_layer(B, T, H, D, chunk, dtype, device, impls)
-    save()
+    cmd = "atlas bench" + (" --smoke" if smoke else "")
     best = impls[-1]
+    if "layer" in sections:
+        result["layer"] = bench_layer(B, T, H, D, chunk, dtype, device, impls)
+        result["commands"]["layer"] = cmd
+        save()
     # the Triton path compiles its gate part once per shape (15-40 s); the sweeps below would
     # recompile for every T, so they run it eagerly (slower by ~1-2 ms a call, said in the JSON)
     os.environ["ATLAS_TRITON_COMPILE_GATES"] = "0"
-    result["scaling_note"] = "triton gate part eager (ATLAS_TRITON_COMPILE_GATES=0)"
-    result["scaling"] = []
-    for t in Ts:
-        x = torch.randn(1, t, H * D, device=device, dtype=dtype, requires_grad=True)
-        layer = memory_layer(H * D, H, best, chunk, dtype, device)
-        ms = timed(fwd_bwd(layer, (x,)), reps=10)
-        result["scaling"].append({"T": t, "ms": ms, "us_per_token": ms / t * 1e3, "impl": best})
-    save()
-    m = bench_model("atlas_300m_omega", model_over + [f"model.memory.impl={best}"], mB, mT, device,
-                    compile_=device.type == "cuda")
-    result["model"] = {"atlas_300m_tok_s": m["atlas_tok_s"], "transformer_300m_tok_s": m["transformer_tok_s"],
-                       "atlas_300m_mfu": m.get("atlas_mfu"), "transformer_300m_mfu": m.get("transformer_mfu"),
-                       "B": mB, "T": mT, "ratio": m["atlas_tok_s"] / m["transformer_tok_s"],
-                       **{k: v for k, v in m.items() if "compile" in k}}
-    save()
-    dec_over = model_over + [f"model.memory.impl={best}", f"model.attn_window={ctxs[0]}",
-                             f"model.max_seq_len={max(ctxs) + 1}", "train.seq_len=16"]
-    result["decode"] = bench_decode("atlas_300m_omega", dec_over, ctxs, device)
-    save()
+    if "scaling" in sections:
+        result["scaling_note"] = "triton gate part eager (ATLAS_TRITON_COMPILE_GATES=0)"
+        result["scaling"] = []
+        for t in Ts:
+            x = torch.randn(1, t, H * D, device=device, dtype=dtype, requires_grad=True)
+            layer = memory_layer(H * D, H, best, chunk, dtype, device)
+            ms = timed(fwd_bwd(layer, (x,)), reps=10)
+            result["scaling"].append({"T": t, "ms": ms, "us_per_token": ms / t * 1e3, "impl": best})
+        result["commands"]["scaling"] = cmd
+        save()
+    if "model" in sections:
+        result["model"] = bench_section_model(model_over, best, mB, mT, device, compile_model and device.type == "cuda")
+        result["commands"]["model"] = cmd + ("" if compile_model else " --no-compile")
+        save()
+    if "decode" in sections:
+        dec_over = model_over + [f"model.memory.impl={best}", f"model.attn_window={ctxs[0]}",
+                                 f"model.max_seq_len={max(ctxs) + 1}", "train.seq_len=16"]
+        result["decode"] = bench_decode("atlas_300m_omega", dec_over, ctxs, device)
+        result["commands"]["decode"] = cmd
+        save()
     return result
 
 
+def bench_section_model(model_over, best, mB, mT, device, compile_) -> dict:
+    m = bench_model("atlas_300m_omega", model_over + [f"model.memory.impl={best}"], mB, mT, device, compile_)
+    return {"atlas_300m_tok_s": m["atlas_tok_s"], "transformer_300m_tok_s": m["transformer_tok_s"],
+                       "atlas_300m_mfu": m.get("atlas_mfu"), "transformer_300m_mfu": m.get("transformer_mfu"),
+                       "B": mB, "T": mT, "ratio": m["atlas_tok_s"] / m["transformer_tok_s"],
+            **{k: v for k, v in m.items() if "compile" in k}}
+
+
 def table(r: dict) -> str:
-    L = r["layer"]
-    lines = [f"device {r['device']}, {r['dtype']}; layer B={L['B']} T={L['T']} H={L['H']} D={L['D']} fwd+bwd",
-             "| what | ms | tokens/s |", "|---|---:|---:|"]
-    for k in [k for k in L if k.endswith("_ms")]:
-        name = k[:-3]
-        lines.append(f"| {name} | {L[k]:.2f} | {L[name + '_tok_s']:,.0f} |")
-    m = r["model"]
-    lines.append(f"| 300M train step, Atlas | | {m['atlas_300m_tok_s']:,.0f} |")
-    lines.append(f"| 300M train step, memory off | | {m['transformer_300m_tok_s']:,.0f} |")
-    lines.append("scaling (us/token): " + ", ".join(f"T={s['T']}: {s['us_per_token']:.2f}" for s in r["scaling"]))
-    lines.append("decode (ms/token): " + ", ".join(f"{d['context']}: {d['ms_per_token']:.2f}" for d in r["decode"]))
+    lines = [f"device {r['device']}, {r['dtype']}"]
+    L = r.get("layer")
+    if L:
+        lines += [f"memory layer B={L['B']} T={L['T']} H={L['H']} D={L['D']} chunk {L['chunk_size']}, forward+backward:",
+                  "| what | ms | tokens/s |", "|---|---:|---:|"]
+        lines += [f"| {k[:-3]} | {L[k]:.2f} | {L[k[:-3] + '_tok_s']:,.0f} |" for k in L if k.endswith("_ms")]
+    m = r.get("model")
+    if m:
+        lines.append(f"300M train step (B={m['B']}, T={m['T']}): Atlas {m['atlas_300m_tok_s']:,.0f} tok/s, "
+                     f"memory off {m['transformer_300m_tok_s']:,.0f} tok/s (ratio {m['ratio']:.2f})")
+    if r.get("scaling"):
+        lines.append("scaling (us/token): " + ", ".join(f"T={s['T']}: {s['us_per_token']:.2f}" for s in r["scaling"]))
+    if r.get("decode"):
+        lines.append("decode (ms/token): " + ", ".join(f"{d['context']}: {d['ms_per_token']:.2f}" for d in r["decode"]))
     return "\n".join(lines)
 
 
 def cmd_bench(args) -> None:
-    r = run(Path(args.out), args.smoke)
+    sections = tuple(args.sections.split(",")) if args.sections else SECTIONS
+    bad = set(sections) - set(SECTIONS)
+    if bad:
+        from .errors import UserError
+        raise UserError(f"--sections: unknown {sorted(bad)}; choose from {', '.join(SECTIONS)}")
+    r = run(Path(args.out), args.smoke, sections, compile_model=not args.no_compile)
     print(table(r))
     print(f"wrote {args.out}")
 
@@ -206,4 +234,6 @@ def add_bench_command(sub) -> None:
     p = sub.add_parser("bench", help="GPU benchmark: memory layer vs SDPA vs titans-pytorch, model, scaling, decode")
     p.add_argument("--out", default="benchmarks/results/h100.json")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, any device (checks the code path)")
+    p.add_argument("--sections", help=f"comma-separated subset of {','.join(SECTIONS)}; others are kept from --out")
+    p.add_argument("--no-compile", action="store_true", help="time the 300M step eagerly")
     p.set_defaults(fn=cmd_bench)
