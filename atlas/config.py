@@ -220,6 +220,8 @@ def validate(cfg: Config, src: str) -> Config:
         (g.aux_weight >= 0 and 0 < g.aux_target < 1, "model.gate.aux_weight must be >= 0, aux_target in (0, 1)"),
         (0 < g.storage_gate < 1 and 0 <= g.retrieval_floor < 1, "model.gate.storage_gate and retrieval_floor must lie in [0, 1)"),
         (all(p.steps >= 1 for p in t.phases), "every train.phases entry needs steps >= 1"),
+        (cfg.data.task != "text" or all(p.mode != "episodic" for p in t.phases),
+         "train.phases mode 'episodic' needs a task that marks facts and queries (data.task=mqar or passkey)"),
         (min(m.n_layers, m.d_ff, m.max_seq_len) >= 1, "model.n_layers, d_ff and max_seq_len must be >= 1"),
         (mem.heads >= 1, "model.memory.heads must be >= 1"),
         (mem.d_key % mem.heads == 0, f"model.memory.d_key {mem.d_key} is not divisible by model.memory.heads {mem.heads}"),

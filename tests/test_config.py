@@ -34,6 +34,8 @@ def test_seed_table_verbatim():
     ("model.n_layers=two", "must be an integer"),
     ("train.seq_len=4096", "exceeds model.max_seq_len"),
     ("nokey", "must look like key.path=value"),
+    ("train.phases=[{steps: 5, mode: episodic}]", "needs a task that marks facts"),
+    ("train.phases=[{steps: 5, mode: forget}]", "choose one of 'normal', 'storage', 'retrieval', 'episodic'"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(UserError, match=None) as e:

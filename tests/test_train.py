@@ -99,3 +99,19 @@ def test_gate_alert_and_phases(tmp_path):
     alerts = [e for e in rows(run, "events") if e["event"] == "alert"]
     assert alerts and alerts[0]["kind"] == "gate_low" and alerts[0]["layers"] == [0, 1]
     assert "ALERT" in (run / "training.log").read_text()
+
+
+def test_divergence_stops_without_a_broken_checkpoint(tmp_path, capsys):
+    """A learning rate that blows the model up ends the run with an alert, not a NaN checkpoint."""
+    from atlas.config import load_config
+    from atlas.train.loop import TrainingDiverged, train
+    cfg = load_config("tiny", SMALL + ["train.max_steps=6", "train.lr=1e30", "train.warmup_steps=0",
+                                       "train.grad_clip=1e30", "train.log_every=1", "train.checkpoint_every=1"])
+    with pytest.raises(TrainingDiverged):
+        train(cfg, tmp_path / "run")
+    events = rows(tmp_path / "run", "train_steps"), rows(tmp_path / "run", "events")
+    assert any(e["kind"] == "diverged" for e in events[1] if e["event"] == "alert")
+    from atlas.train.checkpoint import complete_checkpoints
+    from safetensors.torch import load_file
+    for _, ckpt in complete_checkpoints(tmp_path / "run"):
+        assert all(t.isfinite().all() for t in load_file(str(ckpt / "model.safetensors")).values())

@@ -110,10 +110,7 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
             dt = time.perf_counter() - t_log
             mean_loss = (loss_sum / steps_since_log).item()
             if not math.isfinite(mean_loss):
-                log.record("events", {"step": step, "event": "alert", "kind": "diverged", "loss": str(mean_loss)})
-                log.line(f"ALERT step {step}: loss is {mean_loss}; stopping (last checkpoint stays valid)")
-                log.close()
-                raise TrainingDiverged(f"loss became {mean_loss} by step {step}; see {run_dir / 'training.log'}")
+                stop_diverged(log, step, run_dir, f"loss is {mean_loss}")
             tok_s = tokens_per_step * steps_since_log / dt
             row = {"step": step, "loss": mean_loss, "ppl": math.exp(min(mean_loss, 50.0)), "lr": lr,
                    "grad_norm": grad_norm.item(), "tokens_per_s": tok_s, "stage": stage_idx,
@@ -144,6 +141,8 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
         if rank == 0 and data.tokenizer is not None and (step % t.sample_every == 0 or step == last_step):
             write_samples(model, data.tokenizer, run_dir, step, t)
         if rank == 0 and (step % t.checkpoint_every == 0 or step == last_step):
+            if not all(torch.isfinite(p).all() for p in model.parameters()):  # never save a broken model
+                stop_diverged(log, step, run_dir, "the weights are not finite")
             path = save_checkpoint(run_dir, step, model, opt, {"data": data.train.state_dict()},
                                    cfg.to_dict(), data.tokenizer_file)
             prune_checkpoints(run_dir, t.keep_last, t.checkpoint_every)
@@ -154,6 +153,13 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
     log.line(f"done: {step} steps; run directory {run_dir}")
     log.close()
     return run_dir
+
+
+def stop_diverged(log, step: int, run_dir: Path, what: str) -> None:
+    log.record("events", {"step": step, "event": "alert", "kind": "diverged", "what": what})
+    log.line(f"ALERT step {step}: {what}; stopping (the last checkpoint stays valid)")
+    log.close()
+    raise TrainingDiverged(f"training diverged by step {step} ({what}); see {run_dir / 'training.log'}")
 
 
 def gate_modes(mode: str, x: torch.Tensor, batches) -> torch.Tensor | None:
