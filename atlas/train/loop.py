@@ -1,6 +1,7 @@
 """`train(cfg, run_dir)`: the training loop, top to bottom.
 
-Single-device model code; data sharding and logging are rank-aware so torchrun can wrap it.
+Single-device model code; parallel.py wraps it under torchrun (data sharding and logging are
+rank-aware: every rank trains, rank 0 writes).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from .data import load_data
 from .flops import flops_per_token, peak_flops
 from .logbook import Logbook, progress
+from . import parallel
 from .optim import lr_at, make_optimizer, set_lr
 from .rundir import write_config
 
@@ -40,8 +42,8 @@ def pick_device(cfg: Config) -> torch.device:
 
 
 def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(cfg)
+    rank, world = parallel.setup(device)
     t = cfg.train
     log = Logbook(run_dir, enabled=rank == 0)
     if rank == 0:
@@ -63,7 +65,8 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
         log.line(f"resumed from {resume_ckpt} at step {step}")
     n_params = sum(p.numel() for p in model.parameters())
     log.line(f"model: {n_params:,} parameters on {device}; run directory {run_dir}")
-    fwd = torch.compile(model) if t.compile else model
+    fwd = parallel.wrap(model, device)  # DDP under torchrun; the model itself stays single-device
+    fwd = torch.compile(fwd) if t.compile else fwd
     use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
@@ -88,14 +91,15 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
         mode = phase_at(cfg, step)
 
         # ---- one optimizer step over grad_accum micro-batches
-        for _ in range(t.grad_accum):
+        for micro in range(t.grad_accum):
             x, y = (a.to(device, non_blocking=True) for a in data.train.next())  # (B, T) each
             modes = gate_modes(mode, x, data.train)  # (B, T) GateMode or None
-            with autocast:
-                logits, state = fwd(x, gate_modes=modes)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # -100 labels are not scored
-            aux = model.gate_aux_loss().to(device) if cfg.model.gate.aux_weight > 0 else 0.0
-            ((loss + aux) / t.grad_accum).backward()  # each backward() adds to .grad
+            with parallel.accumulating(fwd, last=micro == t.grad_accum - 1):  # all-reduce once a step
+                with autocast:
+                    logits, state = fwd(x, gate_modes=modes)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # -100 labels are not scored
+                aux = model.gate_aux_loss().to(device) if cfg.model.gate.aux_weight > 0 else 0.0
+                ((loss + aux) / t.grad_accum).backward()  # each backward() adds to .grad
             loss_sum += loss.detach() / t.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
@@ -108,7 +112,7 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
         # ---- logging (the only host syncs are here, every log_every steps)
         if step % t.log_every == 0 or step == last_step:
             dt = time.perf_counter() - t_log
-            mean_loss = (loss_sum / steps_since_log).item()
+            mean_loss = parallel.mean(loss_sum / steps_since_log)  # over ranks: the global batch's loss
             if not math.isfinite(mean_loss):
                 stop_diverged(log, step, run_dir, f"loss is {mean_loss}")
             tok_s = tokens_per_step * steps_since_log / dt
@@ -140,9 +144,10 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
             log.line(f"step {step}: val_loss {val['val_loss']:.4f} val_ppl {val['val_ppl']:.1f}{extra}", echo=bar is None)
         if rank == 0 and data.tokenizer is not None and (step % t.sample_every == 0 or step == last_step):
             write_samples(model, data.tokenizer, run_dir, step, t)
-        if rank == 0 and (step % t.checkpoint_every == 0 or step == last_step):
+        if step % t.checkpoint_every == 0 or step == last_step:
             if not all(torch.isfinite(p).all() for p in model.parameters()):  # never save a broken model
                 stop_diverged(log, step, run_dir, "the weights are not finite")
+        if rank == 0 and (step % t.checkpoint_every == 0 or step == last_step):
             path = save_checkpoint(run_dir, step, model, opt, {"data": data.train.state_dict()},
                                    cfg.to_dict(), data.tokenizer_file)
             prune_checkpoints(run_dir, t.keep_last, t.checkpoint_every)
@@ -152,6 +157,7 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
         bar.close()
     log.line(f"done: {step} steps; run directory {run_dir}")
     log.close()
+    parallel.teardown()
     return run_dir
 
 
@@ -194,13 +200,14 @@ def evaluate(model, data, n_batches: int, autocast) -> dict:
     """Validation at the current memory chunk size, with and without the memory branch."""
     model.eval()
     loss, acc = _val_pass(model, data, n_batches, autocast)
+    loss = parallel.mean(loss)  # each rank validated its own shard
     out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
     if acc is not None:
         out["retrieval_acc"] = acc
     if model.memory_layers():  # the ablation: how much does the model lean on its memory?
         with model.memory_disabled():
             loss_off, acc_off = _val_pass(model, data, n_batches, autocast)
-        out["val_loss_memory_off"] = loss_off
+        out["val_loss_memory_off"] = parallel.mean(loss_off)
         if acc_off is not None:
             out["retrieval_acc_memory_off"] = acc_off
     model.train()
