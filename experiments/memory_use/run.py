@@ -19,11 +19,9 @@ from pathlib import Path
 
 import torch
 
-from atlas.config import load_config, stage_at, total_steps
-from atlas.model import AtlasLM
-from atlas.train.checkpoint import latest_checkpoint, load_checkpoint
+from atlas.config import load_config
+from atlas.tasks.cli import load_for_eval
 from atlas.train.loop import TrainingDiverged, train
-from atlas.train.optim import make_optimizer
 
 HERE = Path(__file__).parent
 
@@ -95,13 +93,8 @@ def read_rows(run: Path, stream: str) -> list[dict]:
 
 def load_model(run: Path):
     """The final model of a run, at the memory chunk size it trained with last."""
-    from atlas.config import config_from_dict, read_yaml
-    ckpt = latest_checkpoint(run)
-    cfg = config_from_dict(read_yaml(ckpt / "config.yaml"), str(ckpt))
-    model = AtlasLM(cfg.model).to("cuda" if torch.cuda.is_available() else "cpu")
-    load_checkpoint(ckpt, model, make_optimizer(model, cfg))
-    model.set_chunk_size(stage_at(cfg, total_steps(cfg) - 1)[1].chunk_size)
-    return model.eval(), cfg
+    model, cfg, _, _ = load_for_eval(str(run))
+    return model, cfg
 
 
 def summarize(run: Path, wall_s: float) -> dict:
