@@ -112,8 +112,11 @@ def save_part(out: Path, part: str, scale: str, res: dict) -> None:
     (out / f"{part}.json").write_text(json.dumps({"device": device, "scale": scale, "results": res}))
 
 
+IMPL: list[str] = []  # set by --impl: the memory_scan implementation every recipe uses
+
+
 def run_recipe(out: Path, name: str, overrides: list[str]) -> dict:
-    cfg = load_config("tiny", overrides + [f"name={name}"])
+    cfg = load_config("tiny", overrides + IMPL + [f"name={name}"])
     run = out / "runs" / name
     t0 = time.time()
     try:
@@ -191,7 +194,18 @@ def main():
     p.add_argument("--part", choices=["lm", "mqar", "passkey"], required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--scale", choices=["full", "smoke"], default="full")
+    p.add_argument("--impl", choices=["auto", "chunked", "triton"], default="auto",
+                   help="memory_scan implementation; auto: triton on a GPU when importable (parts/ used chunked)")
     a = p.parse_args()
+    impl = a.impl
+    if impl == "auto":
+        try:
+            import triton  # noqa: F401
+            impl = "triton" if torch.cuda.is_available() else "chunked"
+        except ImportError:
+            impl = "chunked"
+    IMPL.append(f"model.memory.impl={impl}")
+    os.environ.setdefault("ATLAS_TRITON_COMPILE_GATES", "0")  # eval and generation shapes would each recompile
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True  # the memory's float32 matmuls on tensor cores
