@@ -253,7 +253,7 @@ def validate(cfg: Config, src: str) -> Config:
     return cfg
 
 
-def _set_dotted(tree: dict, dotted: str, src: str) -> None:
+def set_dotted(tree: dict, dotted: str, src: str) -> None:
     if "=" not in dotted:
         raise UserError(f"override '{dotted}' must look like key.path=value (e.g. train.max_steps=30)")
     key, raw = dotted.split("=", 1)
@@ -302,7 +302,7 @@ def load_config(name_or_path: str = "tiny", overrides: list[str] = ()) -> Config
     path = resolve_path(name_or_path)
     tree = read_yaml(path)
     for o in overrides:
-        _set_dotted(tree, o, str(path))
+        set_dotted(tree, o, str(path))
     src = str(path) + (" (with overrides)" if overrides else "")
     return config_from_dict(tree, src)
 

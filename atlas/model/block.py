@@ -88,9 +88,10 @@ class Block(nn.Module):
         a, kv = self.attn(hx, state.attn if state is not None else None, window)
         mem_state = None
         if self.has_memory:
-            m, mem_state = self.memory(hx, state.memory if state is not None else None)
-            if self.memory_off:
-                m = torch.zeros_like(m)
+            if self.memory_off:  # the ablation: nothing to compute, nothing to carry
+                m = torch.zeros_like(hx)
+            else:
+                m, mem_state = self.memory(hx, state.memory if state is not None else None)
             m = F.dropout(m, self.mem_dropout, self.training)
             g = self.gate(hx)  # () or (B, T, C)
             self.gate_mean = g.float().mean()

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from atlas.errors import UserError
-from atlas.tasks.stream import IGNORE, TaskBatches, mix, torch_pair
+from atlas.data.loader import mix
+from atlas.tasks.stream import IGNORE, TaskBatches, torch_pair
 
 BLOCK = 256  # examples generated together (vectorised numpy); ids -> (block, row)
 POWER_A = 0.01  # Zoology's default train_power_a / test_power_a

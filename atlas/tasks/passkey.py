@@ -25,7 +25,8 @@ import torch
 from atlas.data import embedded_split
 from atlas.errors import UserError
 from atlas.tasks.mqar import RETRIEVAL, STORAGE, model_device
-from atlas.tasks.stream import IGNORE, TaskBatches, mix, torch_pair
+from atlas.data.loader import mix
+from atlas.tasks.stream import IGNORE, TaskBatches, torch_pair
 
 QUESTION = "\nWhat is the pass key? The pass key is"
 SNAP = 16  # tokens the needle may move to start on a new line

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from atlas.data.loader import PositionStream, mix  # noqa: F401  (mix: the tasks' seeds)
+from atlas.data.loader import PositionStream, mix
 from atlas.errors import UserError
 
 IGNORE = -100  # label of an unscored position (torch cross_entropy's default ignore_index)

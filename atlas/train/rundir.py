@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import Config, config_from_dict, load_config, read_yaml
+from ..config import Config, config_from_dict, load_config, read_yaml, set_dotted
 from ..errors import UserError
 from .checkpoint import complete_checkpoints
 
@@ -52,10 +52,9 @@ def resume_config(ckpt: Path, config_arg: str | None, overrides: list[str]) -> C
     """The checkpoint's config with the overrides; a CONFIG given beside --resume must match it."""
     src = str(ckpt / "config.yaml")
     saved = config_from_dict(read_yaml(ckpt / "config.yaml"), src)
-    from ..config import _set_dotted  # the same parser as for presets
     tree = saved.to_dict()
     for o in overrides:
-        _set_dotted(tree, o, src)
+        set_dotted(tree, o, src)
     cfg = config_from_dict(tree, src + " (with overrides)")
     if config_arg is not None:
         _must_match(saved, load_config(config_arg, overrides), f"config {config_arg}", ckpt)
