@@ -57,12 +57,22 @@ def memory_layer(d: int, H: int, impl: str, chunk: int, dtype, device) -> Memory
     return MemoryLayer(d, cfg).to(device=device, dtype=dtype)
 
 
+def compiled(layer):
+    """The layer as training runs it on a GPU: torch.compile fuses the projections' glue (conv,
+    SiLU, norms, gates) around the Triton op. One compile per shape (dynamic=False)."""
+    return torch.compile(layer, dynamic=False) if torch.cuda.is_available() else layer
+
+
 def bench_layer(B, T, H, D, chunk, dtype, device, impls) -> dict:
     d = H * D
     x = torch.randn(B, T, d, device=device, dtype=dtype, requires_grad=True)
     out = {"B": B, "T": T, "H": H, "D": D, "chunk_size": chunk}
     for impl in impls:
         layer = memory_layer(d, H, impl, chunk, dtype, device)
+        if impl == "triton":  # eager too: how much torch.compile's fusion of the glue around the kernels buys
+            ms = timed(fwd_bwd(layer, (x,)))
+            out["atlas_triton_eager_ms"], out["atlas_triton_eager_tok_s"] = ms, B * T / ms * 1e3
+            layer = compiled(layer)
         ms = timed(fwd_bwd(layer, (x,)))
         out[f"atlas_{impl}_ms"], out[f"atlas_{impl}_tok_s"] = ms, B * T / ms * 1e3
     q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -88,15 +98,19 @@ def bench_model(preset: str, overrides: list[str], B: int, T: int, device, compi
         cfg = load_config(preset, overrides + extra + [f"train.seq_len={T}"])
         model = AtlasLM(cfg.model).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        fwd = model
+        compiled = False
         if compile_:
             try:  # fall back to eager (and say so) rather than lose the measurement
-                fwd = torch.compile(model)
-                fwd(torch.randint(0, cfg.model.vocab_size, (B, T), device=device))
+                model.compile_blocks()
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    model(torch.randint(0, cfg.model.vocab_size, (B, T), device=device))
+                compiled = True
             except Exception as e:  # noqa: BLE001
                 res[f"{name}_compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                fwd = model
-        res[f"{name}_compiled"] = fwd is not model
+                model = AtlasLM(cfg.model).to(device)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        res[f"{name}_compiled"] = compiled
+        fwd = model
         idx = torch.randint(0, cfg.model.vocab_size, (B, T + 1), device=device)
 
         def step():
@@ -108,6 +122,7 @@ def bench_model(preset: str, overrides: list[str], B: int, T: int, device, compi
         ms = timed(step, warmup=3 if not compile_ else 5)
         tok_s = B * T / ms * 1e3
         res[f"{name}_ms"], res[f"{name}_tok_s"] = ms, tok_s
+        print(f"model: {name} {ms:.1f} ms/step, {tok_s:,.0f} tok/s (compiled: {compiled})", flush=True)
         peak = peak_flops(torch.cuda.get_device_name()) if device.type == "cuda" else None
         if peak:
             res[f"{name}_mfu"] = tok_s * flops_per_token(cfg.model, T, cfg.model.memory.chunk_size) / peak
@@ -123,13 +138,16 @@ def bench_decode(preset: str, overrides: list[str], contexts: list[int], device)
     for ctx in contexts:
         idx = torch.randint(0, cfg.model.vocab_size, (1, ctx), device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            _, state = model(idx)  # prefill: the memory absorbs the context, attention keeps its window
+            state = None  # prefill in pieces: the memory absorbs the context, attention keeps its window
+            for piece in idx.split(4096, dim=1):
+                _, state = model(piece, state)
             tok = idx[:, -1:]
 
             def one():
                 model(tok, state)
             ms = timed(one, warmup=3, reps=20)
         rows.append({"context": ctx, "ms_per_token": ms})
+        print(f"decode: context {ctx}: {ms:.2f} ms/token", flush=True)
     return rows
 
 
@@ -167,15 +185,12 @@ def run(out_path: Path, smoke: bool, sections=SECTIONS, compile_model: bool = Tr
         result["layer"] = bench_layer(B, T, H, D, chunk, dtype, device, impls)
         result["commands"]["layer"] = cmd
         save()
-    # the Triton path compiles its gate part once per shape (15-40 s); the sweeps below would
-    # recompile for every T, so they run it eagerly (slower by ~1-2 ms a call, said in the JSON)
-    os.environ["ATLAS_TRITON_COMPILE_GATES"] = "0"
     if "scaling" in sections:
-        result["scaling_note"] = "triton gate part eager (ATLAS_TRITON_COMPILE_GATES=0)"
+        result.pop("scaling_note", None)
         result["scaling"] = []
         for t in Ts:
             x = torch.randn(1, t, H * D, device=device, dtype=dtype, requires_grad=True)
-            layer = memory_layer(H * D, H, best, chunk, dtype, device)
+            layer = compiled(memory_layer(H * D, H, best, chunk, dtype, device))
             ms = timed(fwd_bwd(layer, (x,)), reps=10)
             result["scaling"].append({"T": t, "ms": ms, "us_per_token": ms / t * 1e3, "impl": best})
         result["commands"]["scaling"] = cmd
@@ -184,6 +199,7 @@ def run(out_path: Path, smoke: bool, sections=SECTIONS, compile_model: bool = Tr
         result["model"] = bench_section_model(model_over, best, mB, mT, device, compile_model and device.type == "cuda")
         result["commands"]["model"] = cmd + ("" if compile_model else " --no-compile")
         save()
+    os.environ["ATLAS_TRITON_COMPILE_GATES"] = "0"  # decode prefills many lengths: one gate compile each
     if "decode" in sections:
         dec_over = model_over + [f"model.memory.impl={best}", f"model.attn_window={ctxs[0]}",
                                  f"model.max_seq_len={max(ctxs) + 1}", "train.seq_len=16"]

@@ -61,7 +61,11 @@ class MemoryLayer(nn.Module):
             halo = state.conv if state is not None else qkv.new_zeros(B, K - 1, qkv.shape[-1])
             padded = torch.cat([halo.to(qkv.dtype), qkv], dim=1)  # (B, K-1+T, C)
             conv_state = padded[:, padded.shape[1] - (K - 1):]
-            qkv = self.conv(padded.transpose(1, 2)).transpose(1, 2)  # (B, T, C)
+            # the conv as K shifted multiply-adds in (B, T, C): Conv1d would work channels-first and
+            # hand back q, k, v with a stride-T last dim, which made every later op (normalise,
+            # the scan's gathers, their backward) a strided copy -- 3x the layer's kernel time
+            w = self.conv.weight[:, 0].to(qkv.dtype)  # (C, K)
+            qkv = sum(padded[:, j:j + T] * w[:, j] for j in range(K))  # (B, T, C)
         qkv = F.silu(qkv)
         q, k, v = qkv.split([H * Dk, H * Dk, H * Dv], dim=-1)
         q = F.normalize(q.view(B, T, H, Dk), dim=-1)  # (B, T, H, Dk)
@@ -79,5 +83,7 @@ class MemoryLayer(nn.Module):
             poly=self.poly, state=state.memory if state is not None else None, impl=self.impl,
             huber_delta=c.huber_delta if c.bias == "huber" else None, max_norm=c.max_norm,
             muon=c.rule == "muon")
-        y = self.out_norm(y.to(x.dtype)).reshape(B, T, H * Dv)  # per-head norm, then heads side by side
+        # per-head norm (in float32: with a float32 weight and bf16 input RMSNorm takes a slow
+        # unfused path), then heads side by side
+        y = self.out_norm(y.float()).to(x.dtype).reshape(B, T, H * Dv)
         return self.w_out(y), MemoryLayerState(memory=mem, conv=conv_state)

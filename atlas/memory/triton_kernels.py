@@ -19,6 +19,7 @@ REF (NSC,) int32: the first sub-chunk of s's chunk.
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 import triton
@@ -33,6 +34,16 @@ def _configs(bvs, warps):
     if os.environ.get("ATLAS_TRITON_TUNE") == "0":
         return [triton.Config({"BV": 32}, num_warps=4, num_stages=2)]
     return [triton.Config({"BV": bv}, num_warps=w, num_stages=2) for bv in bvs for w in warps]
+
+
+# Triton >= 3.4 keeps autotune timings in its on-disk cache: a second process (the next training
+# run, the eval after it) skips the ~1 min of tuning a new shape costs.
+_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
+# the number of sub-chunks follows T: left unspecialised, a new sequence length (every prefill
+# piece, every TNT stage) reuses the compiled kernel instead of compiling it again
+_ANY_LENGTH = ["NSC"]
 
 
 @triton.jit
@@ -68,8 +79,8 @@ def _store(ptr, rows, cols, ld, ncols, x):
     tl.store(ptr + rows[:, None] * ld + cols[None, :], x.to(ptr.dtype.element_ty), mask=cols[None, :] < ncols)
 
 
-@triton.autotune(configs=_configs([16, 32], [4, 8]), key=["BL", "BK", "DV"])
-@triton.jit
+@triton.autotune(configs=_configs([16, 32], [4]), key=["BL", "BK", "DV"], **_CACHE)
+@triton.jit(do_not_specialize=_ANY_LENGTH)
 def _fwd_state(K, V, GL, CS, LAST, REF, M0, S0, MS, SS, MOUT, SOUT, NSC, H, DK, DV, delta,
                BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                HUBER: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr):
@@ -107,8 +118,8 @@ def _fwd_state(K, V, GL, CS, LAST, REF, M0, S0, MS, SS, MOUT, SOUT, NSC, H, DK, 
     tl.store(SOUT + bh * DV * DK + st, S, mask=sm)
 
 
-@triton.autotune(configs=_configs([32, 64], [4, 8]), key=["BT", "BL", "BK", "DV"])
-@triton.jit
+@triton.autotune(configs=_configs([32, 64], [4, 8]), key=["BT", "BL", "BK", "DV"], **_CACHE)
+@triton.jit(do_not_specialize=_ANY_LENGTH)
 def _fwd_out(Q, K, V, G, P, F, REF, MS, SS, Y, NSC, H, DK, DV, delta,
              BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
              HUBER: tl.constexpr, PREC: tl.constexpr):
@@ -136,8 +147,8 @@ def _fwd_out(Q, K, V, G, P, F, REF, MS, SS, Y, NSC, H, DK, DV, delta,
     _store(Y, qrow, rv, DV, DV, y)
 
 
-@triton.autotune(configs=_configs([16, 32], [4, 8]), key=["BT", "BL", "BK", "DV"])
-@triton.jit
+@triton.autotune(configs=_configs([16, 32], [4]), key=["BT", "BL", "BK", "DV"], **_CACHE)
+@triton.jit(do_not_specialize=_ANY_LENGTH)
 def _bwd_state(Q, K, V, G, P, F, GL, CS, LAST, REF, MS, DY, DMOUT, DSOUT, DME, DSE, DVB, DM0, DS0,
                NSC, H, DK, DV, delta, BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr,
                BV: tl.constexpr, HUBER: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr):
@@ -192,8 +203,8 @@ def _bwd_state(Q, K, V, G, P, F, GL, CS, LAST, REF, MS, DY, DMOUT, DSOUT, DME, D
     tl.store(DS0 + bh * DV * DK + st, dS, mask=sm)
 
 
-@triton.autotune(configs=_configs([16, 32, 64], [4, 8]), key=["BT", "BL", "BK", "DV"])
-@triton.jit
+@triton.autotune(configs=_configs([32, 64], [4, 8]), key=["BT", "BL", "BK", "DV"], **_CACHE)
+@triton.jit(do_not_specialize=_ANY_LENGTH)
 def _bwd_q(Q, K, V, G, P, F, REF, MS, SS, DY, DQ, DG, DA, DP, DF, NSC, H, DK, DV, delta,
            BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
            HUBER: tl.constexpr, PREC: tl.constexpr):
@@ -232,8 +243,8 @@ def _bwd_q(Q, K, V, G, P, F, REF, MS, SS, DY, DQ, DG, DA, DP, DF, NSC, H, DK, DV
     tl.store(DF + g, df)
 
 
-@triton.autotune(configs=_configs([16, 32, 64], [4, 8]), key=["BT", "BL", "BK", "DV"])
-@triton.jit
+@triton.autotune(configs=_configs([32, 64], [4, 8]), key=["BT", "BL", "BK", "DV"], **_CACHE)
+@triton.jit(do_not_specialize=_ANY_LENGTH)
 def _bwd_k(Q, K, V, GL, CS, REF, MS, SS, DME, DSE, DVB, DA, DKK, DGL, DCS, DLAST, NSC, H, DK, DV, delta,
            BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
            HUBER: tl.constexpr, PREC: tl.constexpr):

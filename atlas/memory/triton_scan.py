@@ -20,7 +20,6 @@ Measured on one H100 (bf16, B=2, T=4096, H=8, Dk=Dv=128, chunk 64, W=1, fwd+bwd)
 eager, of which 1.8 ms on the GPU (kernels 1.4 ms, gates 0.4 ms); the rest is host overhead
 that a compiled or graph-captured caller hides. ||y - y_chunked|| / ||y_chunked|| = 2e-3.
 """
-import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from .chunked import _GATE_MIN, _decay_matrix, memory_scan_chunked
 from .state import MemoryState, apply_poly
 
 SUB_CHUNK = 64  # tokens per kernel block; tests lower it to reach the multi-sub-chunk path cheaply
+DECODE_T = 8  # calls shorter than this (token-by-token decoding) run `chunked`: the same function
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,22 @@ class _Plan:
     ref: torch.Tensor  # (NSC,) int32 first sub-chunk of each sub-chunk's chunk
 
 
-@functools.lru_cache(maxsize=64)
+_PLANS: dict = {}  # (T, chunk, W, sub, device) -> _Plan
+
+
 def _plan(T: int, chunk: int, W: int, sub: int, device: torch.device) -> _Plan:
+    """The layout, cached by shape. A compiled caller reads a cached plan through a guarded dict
+    lookup (no graph break, no host work); an uncached one is traced from plain Python lists."""
+    key = (T, chunk, W, sub, device)
+    if key in _PLANS:
+        return _PLANS[key]
+    plan = _make_plan(T, chunk, W, sub, device)
+    if not torch.compiler.is_compiling():
+        _PLANS[key] = plan
+    return plan
+
+
+def _make_plan(T: int, chunk: int, W: int, sub: int, device: torch.device) -> _Plan:
     # equal sub-chunks, as few as keep each one's window keys (bs + W - 1) within sub rows
     n_sub = -(-chunk // (sub + 1 - W))
     bs = -(-chunk // n_sub)
@@ -69,17 +83,20 @@ def _plan(T: int, chunk: int, W: int, sub: int, device: torch.device) -> _Plan:
             starts.append(c0 + s0)
             lens.append(min(bs, n - s0))
             ref.append(first)
-    st, ln = torch.tensor(starts)[:, None], torch.tensor(lens)[:, None]  # (NSC, 1)
-    qpos, kpos = st + torch.arange(BT), st + torch.arange(BL)  # (NSC, BT), (NSC, BL)
-    qpad, kpad = torch.arange(BT) >= ln, torch.arange(BL) >= ln + W - 1
-    yidx = torch.arange(len(starts) * BT).view(-1, BT)[~qpad]
+    # plain lists (no boolean-mask indexing, whose data-dependent shapes break torch.compile)
+    qpad = [[r >= n for r in range(BT)] for n in lens]  # (NSC, BT) padded query rows
+    kpad = [[r >= n + W - 1 for r in range(BL)] for n in lens]  # (NSC, BL)
+    qidx = [0 if p else s + r for s, pads in zip(starts, qpad) for r, p in enumerate(pads)]
+    kidx = [0 if p else s + r for s, pads in zip(starts, kpad) for r, p in enumerate(pads)]
+    yidx = [i * BT + r for i, n in enumerate(lens) for r in range(n)]  # (T,)
     identity = BT == bs and BL == bs and T % bs == 0 and chunk % bs == 0
     full = T % chunk == 0 and chunk % bs == 0  # every sub-chunk ends at row bs - 1
-    to = functools.partial(torch.Tensor.to, device=device)
+
+    def dev(x, dtype=torch.long):
+        return torch.tensor(x, dtype=dtype, device=device)
     return _Plan(len(starts), BT, BL, identity, big=bs < chunk and T > bs, last_row=bs - 1 if full else None,
-                 qidx=to(qpos.masked_fill(qpad, 0).flatten()), qpad=to(qpad),
-                 kidx=to(kpos.masked_fill(kpad, 0).flatten()), kpad=to(kpad), yidx=to(yidx),
-                 last=to(ln[:, 0] - 1), ref=to(torch.tensor(ref, dtype=torch.int32)))
+                 qidx=dev(qidx), qpad=dev(qpad, torch.bool), kidx=dev(kidx), kpad=dev(kpad, torch.bool),
+                 yidx=dev(yidx), last=dev([n - 1 for n in lens]), ref=dev(ref, torch.int32))
 
 
 def _rows(x, idx, plan, rows):
@@ -240,6 +257,8 @@ def memory_scan_triton(q, k, v, alpha, eta, theta, gamma, *, chunk_size, window,
                         "slow CPU interpreter); use impl='chunked' on CPU")
     B, T, H, Dk = q.shape
     W, dt = window, state.M.dtype
+    if T < DECODE_T:  # decoding: a few tokens are a few tiny matmuls; padded kernel blocks cost more
+        return memory_scan_chunked(*(t.to(dt) for t in args), **kw)
     if muon or max_norm is not None:
         return _fallback("muon and max_norm are not in the kernels", args, kw)
     if dt == torch.float64:
@@ -247,8 +266,7 @@ def memory_scan_triton(q, k, v, alpha, eta, theta, gamma, *, chunk_size, window,
     if Dk > 128 or W > SUB_CHUNK:
         return _fallback(f"Dk = {Dk} or window {W} is beyond the kernels' blocks (Dk <= 128, window <= {SUB_CHUNK})",
                          args, kw)
-    make_plan = _plan.__wrapped__ if torch.compiler.is_compiling() else _plan  # dynamo traces through, uncached
-    plan = make_plan(T, chunk_size, W, SUB_CHUNK, q.device)
+    plan = _plan(T, chunk_size, W, SUB_CHUNK, q.device)
     io = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else dt  # dtype of q, k, v in memory
 
     def with_halo(halo, x):  # (B, W-1+T, ...): the halo's rows first; W = 1 skips the copy

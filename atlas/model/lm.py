@@ -46,6 +46,12 @@ class AtlasLM(nn.Module):
             new_state.append(s)
         return self.head(self.norm_out(x)), new_state
 
+    def compile_blocks(self, **kw) -> None:
+        """torch.compile each block in place (as torchtitan does): the blocks share one compiled
+        graph, so compile time does not grow with depth, and state_dict keys do not change."""
+        for b in self.blocks:
+            b.compile(**kw)
+
     def gate_aux_loss(self) -> torch.Tensor:
         """The memory-utilisation loss of the last forward: sum_layers relu(target - mean gate)^2."""
         c = self.cfg.gate

@@ -65,8 +65,9 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
         log.line(f"resumed from {resume_ckpt} at step {step}")
     n_params = sum(p.numel() for p in model.parameters())
     log.line(f"model: {n_params:,} parameters on {device}; run directory {run_dir}")
+    if t.compile:
+        model.compile_blocks()
     fwd = parallel.wrap(model, device)  # DDP under torchrun; the model itself stays single-device
-    fwd = torch.compile(fwd) if t.compile else fwd
     use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None

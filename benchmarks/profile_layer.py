@@ -1,0 +1,103 @@
+"""Where the memory layer's time goes, on one GPU: the layer of `atlas bench` (B=2, T=4096, H=8,
+D=128, chunk 64, bf16, forward + backward) run four ways, and its kernels from the profiler.
+
+    python3 benchmarks/profile_layer.py --out benchmarks/results/profile_h100.json
+
+  eager            the module as a user calls it (gate part through torch.compile, scan kernels)
+  graphed          torch.cuda.make_graphed_callables: the same kernels replayed from a CUDA graph,
+                   i.e. with no host-side launch cost
+  compiled         torch.compile(layer)
+  compiled_graphs  torch.compile(layer, mode="reduce-overhead") (compile + CUDA graphs)
+
+The profiler part sums device time per kernel over the eager runs: if it is far below the eager
+wall time, the host (launches, dispatch) is the cost, not the kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from atlas.bench import fwd_bwd, memory_layer, timed  # noqa: E402
+
+
+def kernel_table(step, iters: int = 5) -> tuple[float, list[dict], list[dict]]:
+    """Device ms per iteration, the top kernels by device time, and the top operators (the
+    PyTorch op or custom op that launched them) by their own device time."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    per = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name][0] += e.device_time / 1e3 / iters  # ms per iteration
+            per[e.name][1] += 1
+    rows = sorted(({"kernel": k[:90], "ms": v[0], "launches": v[1] // iters} for k, v in per.items()),
+                  key=lambda r: -r["ms"])
+    ops = sorted(({"op": e.key, "shapes": str(e.input_shapes)[:120], "ms": e.self_device_time_total / 1e3 / iters,
+                   "calls": e.count // iters}
+                  for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0),
+                 key=lambda r: -r["ms"])
+    return sum(r["ms"] for r in rows), rows[:25], ops[:30]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/profile_h100.json")
+    ap.add_argument("--T", type=int, default=4096)
+    ap.add_argument("--B", type=int, default=2)
+    ap.add_argument("--ways", default="eager,graphed,compiled,compiled_graphs")
+    a = ap.parse_args()
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    B, T, H, D = a.B, a.T, 8, 128
+    res = {"device": torch.cuda.get_device_name(), "command": " ".join(["python3"] + sys.argv),
+           "B": B, "T": T, "H": H, "D": D, "ms": {}}
+    out = Path(a.out)
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1) + "\n")
+
+    torch.manual_seed(0)
+    x = torch.randn(B, T, H * D, device=dev, dtype=dt, requires_grad=True)
+    layer = memory_layer(H * D, H, "triton", 64, dt, dev)
+    ways = a.ways.split(",")
+    if "eager" in ways:
+        step = fwd_bwd(layer, (x,))
+        res["ms"]["eager"] = timed(step, warmup=5, reps=20)
+        res["kernels_ms"], res["kernels"], res["ops"] = kernel_table(step)
+        save()
+        print(f"eager {res['ms']['eager']:.2f} ms; kernels {res['kernels_ms']:.2f} ms/iter", flush=True)
+        for r in res["ops"][:20]:
+            print(f"  {r['ms']:7.3f} ms  x{r['calls']:<3d} {r['op']} {r['shapes']}")
+    if "graphed" in ways:
+        y_only = torch.nn.Module()  # graphs take tensors out: drop the returned state
+        y_only.layer, y_only.forward = layer, lambda t: layer(t)[0]
+        g = torch.cuda.make_graphed_callables(y_only, (x,), num_warmup_iters=5)
+        res["ms"]["graphed"] = timed(fwd_bwd(g, (x,)), warmup=5, reps=20)
+        save()
+        print(f"graphed {res['ms']['graphed']:.2f} ms", flush=True)
+    for name, mode in (("compiled", None), ("compiled_graphs", "reduce-overhead")):
+        if name in ways:
+            try:
+                fn = torch.compile(memory_layer(H * D, H, "triton", 64, dt, dev), mode=mode)
+                res["ms"][name] = timed(fwd_bwd(fn, (x,)), warmup=5, reps=20)
+            except Exception as e:  # noqa: BLE001 - record why, keep the other numbers
+                res["ms"][name] = None
+                res[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            save()
+            print(f"{name} {res['ms'][name]} ms", flush=True)
+    print(json.dumps(res["ms"]))
+
+
+if __name__ == "__main__":
+    main()
