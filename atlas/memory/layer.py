@@ -68,8 +68,10 @@ class MemoryLayer(nn.Module):
             qkv = sum(padded[:, j:j + T] * w[:, j] for j in range(K))  # (B, T, C)
         qkv = F.silu(qkv)
         q, k, v = qkv.split([H * Dk, H * Dk, H * Dv], dim=-1)
-        q = F.normalize(q.view(B, T, H, Dk), dim=-1)  # (B, T, H, Dk)
-        k = F.normalize(k.view(B, T, H, Dk), dim=-1)  # (B, T, H, Dk)
+        # back to the projection's dtype: autocast runs normalize in float32, and bf16 q, k, v are
+        # what the Triton kernels read at full tensor-core rate
+        q = F.normalize(q.view(B, T, H, Dk), dim=-1).to(qkv.dtype)  # (B, T, H, Dk)
+        k = F.normalize(k.view(B, T, H, Dk), dim=-1).to(qkv.dtype)  # (B, T, H, Dk)
         v = v.view(B, T, H, Dv)  # (B, T, H, Dv)
 
         gate_dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 logits would quantise the decays

@@ -243,7 +243,7 @@ def _bwd_q(Q, K, V, G, P, F, REF, MS, SS, DY, DQ, DG, DA, DP, DF, NSC, H, DK, DV
     tl.store(DF + g, df)
 
 
-@triton.autotune(configs=_configs([32, 64], [4, 8]), key=["BT", "BL", "BK", "DV"], **_CACHE)
+@triton.autotune(configs=_configs([32], [4, 8]), key=["BT", "BL", "BK", "DV"], **_CACHE)
 @triton.jit(do_not_specialize=_ANY_LENGTH)
 def _bwd_k(Q, K, V, GL, CS, REF, MS, SS, DME, DSE, DVB, DA, DKK, DGL, DCS, DLAST, NSC, H, DK, DV, delta,
            BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
