@@ -42,23 +42,25 @@ def test_causal(overrides):
 
 @pytest.mark.parametrize("overrides", VARIANTS)
 def test_state_carry_and_decoding(overrides):
-    """Chunk-aligned pieces with the state carried equal one call; token-by-token equals chunk 1."""
+    """Pieces cut anywhere (mid-chunk too) with the state carried equal one call, and so does
+    token-by-token decoding after a prompt: the open chunk is re-run from its start state, so
+    decoding computes the function training did (chunk 4 here), not one with per-token chunks."""
     m = make(*overrides)
     idx = torch.randint(0, 97, (2, 23))
     full, _ = m(idx)
-    state, pieces = None, []
-    for a, b in [(0, 8), (8, 12), (12, 23)]:  # chunk 4: every cut is chunk-aligned
-        out, state = m(idx[:, a:b], state)
-        pieces.append(out)
-    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-10, atol=1e-10)
+    for cuts in ([(0, 8), (8, 12), (12, 23)], [(0, 5), (5, 6), (6, 13), (13, 23)]):
+        state, pieces = None, []
+        for a, b in cuts:
+            out, state = m(idx[:, a:b], state)
+            pieces.append(out)
+        torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-10, atol=1e-10)
 
-    m.set_chunk_size(1)
-    full1, _ = m(idx)
-    state, steps = None, []
-    for t in range(idx.shape[1]):
+    out, state = m(idx[:, :10])  # a prompt ending mid-chunk, then one token at a time
+    steps = [out]
+    for t in range(10, idx.shape[1]):
         out, state = m(idx[:, t:t + 1], state)
         steps.append(out)
-    torch.testing.assert_close(torch.cat(steps, 1), full1, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
 
 
 def test_backward_and_bf16_forward():

@@ -15,8 +15,19 @@ from .state import MemoryState
 
 @dataclass
 class MemoryLayerState:
-    memory: MemoryState
+    """What a later call needs to continue the sequence as one call over all of it would.
+
+    Chunks are aligned to the sequence start, and inside a chunk every token's gradient is taken
+    at the chunk-start memory. So a call that ends mid-chunk keeps that chunk's start state and
+    its tokens' scan inputs; the next call re-runs the open chunk from there. Token-by-token
+    decoding is then the function training computed (re-running up to chunk_size - 1 tokens a
+    step), not a different one with per-token chunks, whose memory drifts from what training
+    wrote -- and diverges outright with the large learning rates training tolerates in chunks.
+    """
+    memory: MemoryState  # after every token so far (what the per-layer stats read)
     conv: torch.Tensor | None  # (B, conv_size-1, C): the conv's input halo
+    chunk_start: MemoryState | None = None  # at the open chunk's first token (None: zeros)
+    pending: tuple | None = None  # the open chunk's scan inputs q, k, v, alpha, eta, theta, gamma (B, n, ...)
 
 
 def _logit(p: float) -> float:
@@ -80,12 +91,40 @@ class MemoryLayer(nn.Module):
         theta = theta * c.max_lr
         if c.rule == "gd":
             eta = torch.zeros_like(eta)  # no momentum: S_t = -theta_t grad
-        y, mem = memory_scan(
-            q, k, v, alpha, eta, theta, gamma, chunk_size=self.chunk_size, window=c.context_window,
-            poly=self.poly, state=state.memory if state is not None else None, impl=self.impl,
-            huber_delta=c.huber_delta if c.bias == "huber" else None, max_norm=c.max_norm,
-            muon=c.rule == "muon")
+        y, new_state = self._scan((q, k, v, alpha, eta, theta, gamma), state)  # (B, T, H, Dv)
+        new_state.conv = conv_state
         # per-head norm (in float32: with a float32 weight and bf16 input RMSNorm takes a slow
         # unfused path), then heads side by side
         y = self.out_norm(y.float()).to(x.dtype).reshape(B, T, H * Dv)
-        return self.w_out(y), MemoryLayerState(memory=mem, conv=conv_state)
+        return self.w_out(y), new_state
+
+    def _scan(self, ins: tuple, state: MemoryLayerState | None):
+        """memory_scan over this call's tokens, continuing an open chunk if the state has one.
+        ins: q, k (B, T, H, Dk), v (B, T, H, Dv), alpha, eta, theta, gamma (B, T, H)."""
+        c, C, T = self.cfg, self.chunk_size, ins[0].shape[1]
+        start = None
+        if state is not None:
+            start = state.chunk_start if state.pending is not None else state.memory
+            if state.pending is not None:
+                ins = tuple(torch.cat([p.to(x.dtype), x], dim=1) for p, x in zip(state.pending, ins))
+        n = ins[0].shape[1]
+        cut = n // C * C  # the closed chunks; the rest stays open
+
+        def scan(lo, hi, st):
+            return memory_scan(
+                *(x[:, lo:hi] for x in ins), chunk_size=C, window=c.context_window, poly=self.poly, state=st,
+                impl=self.impl, huber_delta=c.huber_delta if c.bias == "huber" else None, max_norm=c.max_norm,
+                muon=c.rule == "muon")
+        ys, closed = [], start
+        if cut:
+            y, closed = scan(0, cut, start)
+            ys.append(y)
+        after = closed
+        if n > cut:
+            y, after = scan(cut, n, closed)
+            ys.append(y)
+        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
+        if after is None:  # an empty call on an empty state
+            _, after = scan(0, 0, None)
+        pending = tuple(x[:, cut:] for x in ins) if n > cut else None
+        return y[:, n - T:], MemoryLayerState(memory=after, conv=None, chunk_start=closed, pending=pending)

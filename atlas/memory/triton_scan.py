@@ -146,9 +146,11 @@ _compiled_gates = None
 def _gates_for(device):
     """_gates through torch.compile on CUDA: fused, its ~50 small ops stop costing a launch each
     (eager: ~1.7 ms of a 5.4 ms step at 2x4096x8x128). ATLAS_TRITON_COMPILE_GATES=0 turns it off;
-    inside a model being compiled it is simply traced along."""
+    inside a model being compiled it is simply traced along. Not under no_grad: decoding re-runs
+    the open chunk at every length up to chunk_size, and each length would be a new compile."""
     global _compiled_gates
-    if device.type != "cuda" or torch.compiler.is_compiling() or os.environ.get("ATLAS_TRITON_COMPILE_GATES") == "0":
+    if (device.type != "cuda" or torch.compiler.is_compiling() or not torch.is_grad_enabled()
+            or os.environ.get("ATLAS_TRITON_COMPILE_GATES") == "0"):
         return _gates
     if _compiled_gates is None:
         _compiled_gates = torch.compile(_gates, dynamic=False)

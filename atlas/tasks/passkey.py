@@ -175,7 +175,7 @@ def _greedy(model, prompts: torch.Tensor, steps: int) -> torch.Tensor:
 
 def passkey_eval(model, tokenizer, length: int, n: int = 50, depths=DEPTHS, digits: int = 5, seed: int = 1234,
                  device=None, batch_size: int = 8) -> dict:
-    """{"accuracy", "per_depth": {depth: accuracy}, "n", "length"}: n prompts of exactly `length`
+    """{"accuracy", "digit_accuracy", "per_depth": {depth: accuracy}, "n", "length"}: n prompts of exactly `length`
     tokens from the validation works, depth i % len(depths) for prompt i, greedy answers."""
     if n < 1 or batch_size < 1 or not depths:
         raise UserError(f"passkey_eval: n={n} batch_size={batch_size} depths={depths}; need n, batch_size >= 1 "
@@ -187,18 +187,22 @@ def passkey_eval(model, tokenizer, length: int, n: int = 50, depths=DEPTHS, digi
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
-    hits = []
+    hits, digit_hits = [], []  # whole keys; digits in place (progress before keys come out whole)
     try:
         for s in range(0, n, batch_size):
             part = exs[s:s + batch_size]
             prompts = torch.tensor([e.ids for e in part], dtype=torch.long, device=device)  # (b, length)
             gen = _greedy(model, prompts, max(len(e.answer_ids) for e in part)).tolist()
-            hits += [tokenizer.decode(g[:len(e.answer_ids)]).strip() == e.key for g, e in zip(gen, part)]
+            for g, e in zip(gen, part):
+                said = tokenizer.decode(g[:len(e.answer_ids)]).strip()
+                hits.append(said == e.key)
+                digit_hits.append(sum(a == b for a, b in zip(said, e.key)) / len(e.key))
     finally:
         if was_training:
             model.train()
     per_depth = {str(d): float(np.mean(hits[i::len(depths)])) for i, d in enumerate(depths) if hits[i::len(depths)]}
-    return {"accuracy": float(np.mean(hits)) if hits else 0.0, "per_depth": per_depth, "n": n, "length": length}
+    return {"accuracy": float(np.mean(hits)) if hits else 0.0, "digit_accuracy": float(np.mean(digit_hits)),
+            "per_depth": per_depth, "n": n, "length": length}
 
 
 def passkey_accuracy(model, tokenizer, length: int, n: int = 50, depths=DEPTHS, digits: int = 5,

@@ -22,7 +22,11 @@ def flops_per_token(m: ModelConfig, seq_len: int, chunk_size: int) -> float:
     span = min(m.attn_window or seq_len, seq_len)
     flops += 3 * L * 2 * 2 * d * span / 2  # QK^T and AV; causal: half the span on average
     if mem.enabled:
-        Dk, Dv, n, W = mem.d_key // mem.heads, mem.d_value // mem.heads, min(chunk_size, seq_len), mem.context_window
+        # inside a chunk every error is taken at M_ref, so a chunk runs as blocks of <= 64 tokens
+        # sharing it (triton_scan.SUB_CHUNK): longer chunks cost no more, and counting the gate
+        # matrices at n = chunk_size (2048) would triple the count with work no kernel does
+        Dk, Dv, W = mem.d_key // mem.heads, mem.d_value // mem.heads, mem.context_window
+        n = min(chunk_size, seq_len, 64 + 1 - W)
         per_head = (2 * (n + W) * (Dk + Dv)  # Phi(Q) Phi(K)^T and its product with the errors
                     + 10 * Dk * Dv  # reads of M_ref and S_ref, errors at M_ref, the M and S updates
                     + 2 * n * n + 2 * n * (n + W))  # gate matrices B @ E and G, per token

@@ -58,7 +58,11 @@ def build(parts: dict) -> dict:
         out["passkey"] = {"train_len": L, "eval_len": 4 * L,
                           **{k: (res[k]["accuracy"][str(4 * L)] if k in res else None) for k in ("atlas", "swa_only")},
                           "by_length": {k: v["accuracy"] for k, v in res.items()},
-                          "budget": {k: {"steps": v["final_val"]["step"], "wall_s": v["wall_s"]} for k, v in res.items()}}
+                          "budget": {k: {"steps": v["final_val"]["step"], "wall_s": v["wall_s"]} for k, v in res.items()},
+                          # teacher-forced accuracy on the answer tokens of validation haystacks (train length)
+                          "answer_token_acc": {k: v["final_val"].get("retrieval_acc") for k, v in res.items()},
+                          "answer_token_acc_memory_off": {k: v["final_val"].get("retrieval_acc_memory_off")
+                                                          for k, v in res.items()}}
     return out
 
 

@@ -72,7 +72,7 @@ PK_BASE = ["model.vocab_size=4096", "model.d_model=128", "model.n_layers=2", "mo
            "train.batch_size=32", "train.lr=3e-3", "train.log_every=50", "train.stats_every=50",
            "train.val_every=500", "train.val_batches=4", "train.checkpoint_every=100000",
            "train.sample_every=100000", "model.attn_window=32"]
-PK_STEPS = 2000
+PK_STEPS = int(os.environ.get("ATLAS_PK_STEPS", 2000))
 
 
 def smoke(overrides: list[str]) -> list[str]:
@@ -171,8 +171,8 @@ def part_passkey(out: Path, scale: str) -> dict:
     from atlas.tasks.passkey import passkey_accuracy
     steps = PK_STEPS if scale == "full" else 6
     res = {}
-    for name, extra in (("atlas", ["train.phases=[{steps: %d, mode: episodic}]" % (steps // 2)]),
-                        ("swa_only", ["model.memory.enabled=false"])):
+    for name, extra in (("swa_only", ["model.memory.enabled=false"]),  # the quick baseline first
+                        ("atlas", ["train.phases=[{steps: %d, mode: episodic}]" % (steps // 2)])):
         over = PK_BASE + extra + [f"train.warmup_steps={max(steps // 10, 1)}", stage_list(steps, 64)]
         if scale != "full":
             over = smoke(over) + ["train.seq_len=128"]
