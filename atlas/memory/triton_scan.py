@@ -16,9 +16,8 @@ Not in the kernels (they fall back to `chunked` with a warning): muon, max_norm,
 Dk > 128, and windows longer than SUB_CHUNK tokens. A window W > 1 shortens sub-chunks to
 SUB_CHUNK + 1 - W tokens or fewer (chunk 64, W = 4: two sub-chunks of 32), so it costs up to 2x.
 
-Measured on one H100 (bf16, B=2, T=4096, H=8, Dk=Dv=128, chunk 64, W=1, fwd+bwd): 3.0-4.5 ms
-eager, of which 1.8 ms on the GPU (kernels 1.4 ms, gates 0.4 ms); the rest is host overhead
-that a compiled or graph-captured caller hides. ||y - y_chunked|| / ||y_chunked|| = 2e-3.
+Speed: benchmarks/README.md (`atlas bench`, `benchmarks/profile_layer.py`). A call shorter than
+DECODE_T tokens runs `chunked` (decoding): a few tokens are a few tiny matmuls.
 """
 import os
 import warnings
