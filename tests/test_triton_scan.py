@@ -142,3 +142,25 @@ def test_bf16_on_gpu(W):
     """bf16 q, k, v against chunked on the same (bf16-valued) inputs in float32: the issue's 1e-2 bar."""
     ref, got = run_both(63, 16, W, poly=POLY, Dk=60, Dv=60, dtype=torch.bfloat16, seed=6)
     check(ref, got, 1e-2, 2e-2)
+
+
+def test_layer_decoding_with_triton_equals_one_call(monkeypatch):
+    """A MemoryLayer on impl="triton": a prompt ending mid-chunk, then pieces of 1 and of 9 tokens
+    (the kernels and the short-call path both re-run the open chunk), equals one call."""
+    from atlas.config import load_config
+    from atlas.memory.layer import MemoryLayer
+    monkeypatch.setattr(triton_scan, "SUB_CHUNK", 16)
+    cfg = load_config("tiny", ["model.memory.heads=2", "model.memory.d_key=24", "model.memory.d_value=20",
+                               "model.memory.chunk_size=12", "model.memory.context_window=2",
+                               "model.memory.impl=triton"]).model.memory
+    torch.manual_seed(0)
+    layer = MemoryLayer(32, cfg).to(DEV)
+    x = torch.randn(2, 40, 32, device=DEV)
+    with torch.no_grad():
+        full, _ = layer(x)
+        y, st = layer(x[:, :17])
+        pieces = [y]
+        for a, b in [(17, 18), (18, 27), (27, 28), (28, 40)]:
+            y, st = layer(x[:, a:b], st)
+            pieces.append(y)
+    assert rel(torch.cat(pieces, 1), full) < TOL
