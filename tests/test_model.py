@@ -143,3 +143,15 @@ def test_randomized_window_trains_and_evaluates_fixed():
     torch.manual_seed(1)
     outs = {tuple(m(idx)[0][0, -1, :3].tolist()) for _ in range(6)}
     assert len(outs) > 1  # different windows were drawn
+
+
+def test_compile_blocks_keeps_numbers_and_keys():
+    """Per-block torch.compile (as `train.compile` applies it): same logits, same state_dict keys."""
+    m = make(dtype=torch.float32)
+    idx = torch.randint(0, 97, (2, 16))
+    keys = list(m.state_dict())
+    ref, _ = m(idx)
+    m.compile_blocks(backend="aot_eager")
+    out, _ = m(idx)
+    assert list(m.state_dict()) == keys
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
