@@ -7,7 +7,6 @@ inputs. `--smoke` runs tiny shapes on whatever device there is (a CPU check of t
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -251,7 +250,6 @@ def run(out_path: Path, smoke: bool, sections=SECTIONS, compile_model: bool = Tr
         result["model"] = bench_section_model(model_over, best, mB, mT, device, compile_model and device.type == "cuda")
         result["commands"]["model"] = cmd + ("" if compile_model else " --no-compile")
         save()
-    os.environ["ATLAS_TRITON_COMPILE_GATES"] = "0"  # decode prefills many lengths: one gate compile each
     if "decode" in sections:
         dec_over = model_over + [f"model.memory.impl={best}", f"model.attn_window={ctxs[0]}",
                                  f"model.max_seq_len={max(ctxs) + 1}", "train.seq_len=16"]
