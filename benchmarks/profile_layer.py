@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from atlas.bench import fwd_bwd, memory_layer, timed  # noqa: E402
+from atlas.bench import fwd_bwd, memory_layer, timed
 
 
 def kernel_table(step, iters: int = 5) -> tuple[float, list[dict], list[dict]]:
