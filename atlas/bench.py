@@ -98,28 +98,35 @@ def kernel_error(B, T, H, D, chunk, device) -> dict:
             for n, r in outs["chunked"].items()}
 
 
+def bench_triton_modes(x, d, H, chunk, dtype, device) -> dict:
+    """The Triton layer eager, compiled and compiled with CUDA graphs; the fastest is the headline."""
+    B, T, _ = x.shape
+    out = {}
+    layer = memory_layer(d, H, "triton", chunk, dtype, device)
+    for mode, fn in (("eager", layer), ("compiled", compiled(layer)),
+                     ("graphs", compiled(memory_layer(d, H, "triton", chunk, dtype, device), GRAPHS))):
+        try:
+            ms = timed(fwd_bwd(fn, (x,), fn.parameters()))
+        except Exception as e:  # noqa: BLE001 - keep the other modes' numbers, say why
+            out[f"atlas_triton_{mode}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            continue
+        out[f"atlas_triton_{mode}_ms"], out[f"atlas_triton_{mode}_tok_s"] = ms, B * T / ms * 1e3
+    best = min((m for m in ("eager", "compiled", "graphs") if f"atlas_triton_{m}_ms" in out),
+               key=lambda m: out[f"atlas_triton_{m}_ms"])
+    out["atlas_triton_mode"] = best
+    out["atlas_triton_ms"], out["atlas_triton_tok_s"] = out[f"atlas_triton_{best}_ms"], out[f"atlas_triton_{best}_tok_s"]
+    return out
+
+
 def bench_layer(B, T, H, D, chunk, dtype, device, impls) -> dict:
     d = H * D
     x = torch.randn(B, T, d, device=device, dtype=dtype, requires_grad=True)
     out = {"B": B, "T": T, "H": H, "D": D, "chunk_size": chunk}
-    for impl in impls:
-        layer = memory_layer(d, H, impl, chunk, dtype, device)
-        if impl == "triton":  # eager, compiled, compiled + CUDA graphs: the best is the headline
-            for mode, fn in (("eager", layer), ("compiled", compiled(layer)),
-                             ("graphs", compiled(memory_layer(d, H, impl, chunk, dtype, device), GRAPHS))):
-                try:
-                    ms = timed(fwd_bwd(fn, (x,), fn.parameters()))
-                except Exception as e:  # noqa: BLE001 - keep the other modes' numbers, say why
-                    out[f"atlas_triton_{mode}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                    continue
-                out[f"atlas_triton_{mode}_ms"], out[f"atlas_triton_{mode}_tok_s"] = ms, B * T / ms * 1e3
-            best = min((m for m in ("eager", "compiled", "graphs") if f"atlas_triton_{m}_ms" in out),
-                       key=lambda m: out[f"atlas_triton_{m}_ms"])
-            out["atlas_triton_mode"] = best
-            out["atlas_triton_ms"], out["atlas_triton_tok_s"] = out[f"atlas_triton_{best}_ms"], out[f"atlas_triton_{best}_tok_s"]
-            continue
-        ms = timed(fwd_bwd(layer, (x,), layer.parameters()))
-        out[f"atlas_{impl}_ms"], out[f"atlas_{impl}_tok_s"] = ms, B * T / ms * 1e3
+    layer = memory_layer(d, H, "chunked", chunk, dtype, device)
+    ms = timed(fwd_bwd(layer, (x,), layer.parameters()))
+    out["atlas_chunked_ms"], out["atlas_chunked_tok_s"] = ms, B * T / ms * 1e3
+    if "triton" in impls:
+        out.update(bench_triton_modes(x, d, H, chunk, dtype, device))
     q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     ms = timed(fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), (q, k, v)))
     out["sdpa_ms"], out["sdpa_tok_s"] = ms, B * T / ms * 1e3
@@ -143,19 +150,19 @@ def bench_model(preset: str, overrides: list[str], B: int, T: int, device, compi
         cfg = load_config(preset, overrides + extra + [f"train.seq_len={T}"])
         model = AtlasLM(cfg.model).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        compiled = False
+        is_compiled = False
         if compile_:
             try:  # fall back to eager (and say so) rather than lose the measurement
                 model.compile_blocks(mode=mode)
                 torch.compiler.cudagraph_mark_step_begin()
                 with torch.autocast(device.type, dtype=torch.bfloat16):
                     model(torch.randint(0, cfg.model.vocab_size, (B, T), device=device))
-                compiled = True
+                is_compiled = True
             except Exception as e:  # noqa: BLE001
                 res[f"{name}_compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 model = AtlasLM(cfg.model).to(device)
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        res[f"{name}_compiled"] = compiled
+        res[f"{name}_compiled"] = is_compiled
         fwd = model
         idx = torch.randint(0, cfg.model.vocab_size, (B, T + 1), device=device)
 
@@ -169,7 +176,7 @@ def bench_model(preset: str, overrides: list[str], B: int, T: int, device, compi
         ms = timed(step, warmup=3 if not compile_ else 5)
         tok_s = B * T / ms * 1e3
         res[f"{name}_ms"], res[f"{name}_tok_s"] = ms, tok_s
-        print(f"model: {name} {ms:.1f} ms/step, {tok_s:,.0f} tok/s (compiled: {compiled})", flush=True)
+        print(f"model: {name} {ms:.1f} ms/step, {tok_s:,.0f} tok/s (compiled: {is_compiled})", flush=True)
         peak = peak_flops(torch.cuda.get_device_name()) if device.type == "cuda" else None
         if peak:
             res[f"{name}_mfu"] = tok_s * flops_per_token(cfg.model, T, cfg.model.memory.chunk_size) / peak
@@ -235,11 +242,10 @@ def run(out_path: Path, smoke: bool, sections=SECTIONS, compile_model: bool = Tr
         result["commands"]["layer"] = cmd
         save()
     if "scaling" in sections:
-        result.pop("scaling_note", None)
         result["scaling"] = []
+        mode = GRAPHS if result.get("layer", {}).get("atlas_triton_mode") == "graphs" else None
         for t in Ts:
             x = torch.randn(1, t, H * D, device=device, dtype=dtype, requires_grad=True)
-            mode = GRAPHS if result.get("layer", {}).get("atlas_triton_mode") == "graphs" else None
             layer = compiled(memory_layer(H * D, H, best, chunk, dtype, device), mode)
             ms = timed(fwd_bwd(layer, (x,), layer.parameters()), reps=10)
             result["scaling"].append({"T": t, "ms": ms, "us_per_token": ms / t * 1e3, "impl": best,
@@ -261,17 +267,16 @@ def run(out_path: Path, smoke: bool, sections=SECTIONS, compile_model: bool = Tr
 
 def bench_section_model(model_over, best, mB, mT, device, compile_) -> dict:
     """Each model at its faster mode: per-block torch.compile, and the same with CUDA graphs."""
-    runs = {"compiled" if compile_ else "eager": bench_model("atlas_300m_omega", model_over + [f"model.memory.impl={best}"],
-                                                           mB, mT, device, compile_)}
+    over = model_over + [f"model.memory.impl={best}"]
+    runs = {"compiled" if compile_ else "eager": bench_model("atlas_300m_omega", over, mB, mT, device, compile_)}
     if compile_:
-        runs["graphs"] = bench_model("atlas_300m_omega", model_over + [f"model.memory.impl={best}"], mB, mT, device,
-                                     compile_, mode=GRAPHS)
+        runs["graphs"] = bench_model("atlas_300m_omega", over, mB, mT, device, compile_, mode=GRAPHS)
     out = {"B": mB, "T": mT}
     for name in ("atlas", "transformer"):
-        ok = {m: r for m, r in runs.items() if r.get(f"{name}_compiled", True) or m == "eager"}
-        mode = max(ok, key=lambda m: ok[m][f"{name}_tok_s"])
-        out[f"{name}_300m_tok_s"], out[f"{name}_300m_mfu"] = ok[mode][f"{name}_tok_s"], ok[mode].get(f"{name}_mfu")
-        out[f"{name}_mode"] = mode
+        mode = max(runs, key=lambda m: runs[m][f"{name}_tok_s"])
+        top = runs[mode]
+        out[f"{name}_300m_tok_s"], out[f"{name}_300m_mfu"] = top[f"{name}_tok_s"], top.get(f"{name}_mfu")
+        out[f"{name}_mode"] = mode if top[f"{name}_compiled"] else "eager"  # a failed compile ran eagerly
         for m, r in runs.items():
             out[f"{name}_{m}_tok_s"] = r[f"{name}_tok_s"]
             if f"{name}_compile_error" in r:

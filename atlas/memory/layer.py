@@ -91,22 +91,22 @@ class MemoryLayer(nn.Module):
         theta = theta * c.max_lr
         if c.rule == "gd":
             eta = torch.zeros_like(eta)  # no momentum: S_t = -theta_t grad
-        y, new_state = self._scan((q, k, v, alpha, eta, theta, gamma), state)  # (B, T, H, Dv)
-        new_state.conv = conv_state
+        y, memory, chunk_start, pending = self._scan((q, k, v, alpha, eta, theta, gamma), state)  # y (B, T, H, Dv)
         # per-head norm (in float32: with a float32 weight and bf16 input RMSNorm takes a slow
         # unfused path), then heads side by side
         y = self.out_norm(y.float()).to(x.dtype).reshape(B, T, H * Dv)
-        return self.w_out(y), new_state
+        return self.w_out(y), MemoryLayerState(memory, conv_state, chunk_start, pending)
 
     def _scan(self, ins: tuple, state: MemoryLayerState | None):
         """memory_scan over this call's tokens, continuing an open chunk if the state has one.
-        ins: q, k (B, T, H, Dk), v (B, T, H, Dv), alpha, eta, theta, gamma (B, T, H)."""
+        ins: q, k (B, T, H, Dk), v (B, T, H, Dv), alpha, eta, theta, gamma (B, T, H).
+        Returns y (B, T, H, Dv), the memory after every token, the memory at the open chunk's
+        start, and the open chunk's inputs (None when no chunk is open)."""
         c, C, T = self.cfg, self.chunk_size, ins[0].shape[1]
-        start = None
-        if state is not None:
-            start = state.chunk_start if state.pending is not None else state.memory
-            if state.pending is not None:
-                ins = tuple(torch.cat([p.to(x.dtype), x], dim=1) for p, x in zip(state.pending, ins))
+        start = None if state is None else state.memory
+        if state is not None and state.pending is not None:
+            start = state.chunk_start
+            ins = tuple(torch.cat([p.to(x.dtype), x], dim=1) for p, x in zip(state.pending, ins))
         n = ins[0].shape[1]
         cut = n // C * C  # the closed chunks; the rest stays open
 
@@ -120,11 +120,9 @@ class MemoryLayer(nn.Module):
             y, closed = scan(0, cut, start)
             ys.append(y)
         after = closed
-        if n > cut:
+        if n > cut or not cut:  # the open rest; an empty call also lands here (empty y, state kept)
             y, after = scan(cut, n, closed)
             ys.append(y)
         y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
-        if after is None:  # an empty call on an empty state
-            _, after = scan(0, 0, None)
         pending = tuple(x[:, cut:] for x in ins) if n > cut else None
-        return y[:, n - T:], MemoryLayerState(memory=after, conv=None, chunk_start=closed, pending=pending)
+        return y[:, n - T:], after, closed, pending

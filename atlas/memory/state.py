@@ -43,6 +43,9 @@ def apply_poly(x: torch.Tensor, poly: torch.Tensor | None) -> torch.Tensor:
 
 
 # Newton–Schulz-5 coefficients used by Muon (Jordan et al., 2024).
+# Tokens per Triton kernel block (triton_scan.py): a longer chunk runs as blocks of this many
+# sharing the chunk-start memory. Here, not in triton_scan, so FLOP counts need no triton.
+SUB_CHUNK = 64
 _NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 

@@ -30,9 +30,8 @@ import triton
 from ..errors import UserError
 from . import triton_kernels as kern
 from .chunked import _GATE_MIN, _decay_matrix, memory_scan_chunked
-from .state import MemoryState, apply_poly
+from .state import SUB_CHUNK, MemoryState, apply_poly
 
-SUB_CHUNK = 64  # tokens per kernel block; tests lower it to reach the multi-sub-chunk path cheaply
 DECODE_T = 8  # calls shorter than this (token-by-token decoding) run `chunked`: the same function
 
 
@@ -54,7 +53,8 @@ class _Plan:
     ref: torch.Tensor  # (NSC,) int32 first sub-chunk of each sub-chunk's chunk
 
 
-_PLANS: dict = {}  # (T, chunk, W, sub, device) -> _Plan
+_PLANS: dict = {}  # (T, chunk, W, sub, device) -> _Plan, oldest first
+_MAX_PLANS = 64  # decoding re-runs the open chunk at every length below chunk_size: keep the recent
 
 
 def _plan(T: int, chunk: int, W: int, sub: int, device: torch.device) -> _Plan:
@@ -65,6 +65,8 @@ def _plan(T: int, chunk: int, W: int, sub: int, device: torch.device) -> _Plan:
         return _PLANS[key]
     plan = _make_plan(T, chunk, W, sub, device)
     if not torch.compiler.is_compiling():
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.pop(next(iter(_PLANS)))
         _PLANS[key] = plan
     return plan
 
