@@ -21,7 +21,7 @@ import torch
 from atlas.data import embedded
 from atlas.data.shards import SPLITS, load_index, locate, write_dataset
 from atlas.data.sources import Doc
-from atlas.data.tokenizer import Tokenizer, train_bpe
+from atlas.data.tokenizer import Tokenizer, check_bpe_vocab, train_bpe
 from atlas.errors import UserError
 
 
@@ -85,9 +85,8 @@ def build_embedded(run_dir, vocab_size: int, tokenizer_path=None) -> TokenData:
     """
     run, data_dir = Path(run_dir), Path(run_dir) / "data"
     given = Tokenizer.load(tokenizer_path) if tokenizer_path is not None else None
-    if given is None and (not isinstance(vocab_size, int) or vocab_size < 257):
-        raise UserError(f"vocab_size={vocab_size!r} is too small for byte-level BPE (argument vocab_size); "
-                        f"use at least 257 (256 bytes + end-of-text)")
+    if given is None:
+        check_bpe_vocab(vocab_size)
     run.mkdir(parents=True, exist_ok=True)
     with _Lock(run / ".data.lock"):  # several ranks may call this at once: one builds, the rest reuse
         return _build_embedded(run, data_dir, vocab_size, given)
@@ -113,12 +112,11 @@ def _build_embedded(run: Path, data_dir: Path, vocab_size: int, given) -> TokenD
         return data
     train_docs, val_docs = embedded.embedded_split()
     tok = given if given is not None else train_bpe((t for _, t in train_docs), int(vocab_size))
-    tok.save(run)
+    name = tok.save(run).name
     docs = [Doc(text, f"atlas:shakespeare/{work}", "embedded", 1, tracked=True, split=split)
             for split, part in (("train", train_docs), ("val", val_docs)) for work, text in part]
     meta = dict(want, tokenizer_sha256=tok.sha256(), vocab_size=tok.vocab_size,
                 val_works=list(embedded.VAL_WORKS))
-    name = "tokenizer.json" if tok.kind == "hf" else "tokenizer.model"
     write_dataset(data_dir, tok, docs, meta=meta, tokenizer_file=f"../{name}", overwrite=True)
     return TokenData(data_dir)
 

@@ -186,6 +186,12 @@ def _skip_space(text: str, spans) -> list[int]:
     return out
 
 
+def check_bpe_vocab(vocab_size) -> None:
+    if not isinstance(vocab_size, int) or vocab_size < 257:
+        raise UserError(f"vocab_size={vocab_size!r} is too small for byte-level BPE (argument vocab_size); "
+                        f"use at least 257 (256 bytes + end-of-text)")
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE (GPT-2 style pre-tokenisation) with "<|endoftext|>" as id 0.
 
@@ -195,9 +201,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
-    if not isinstance(vocab_size, int) or vocab_size < 257:
-        raise UserError(f"vocab_size={vocab_size!r} is too small for byte-level BPE (argument vocab_size); "
-                        f"use at least 257 (256 bytes + end-of-text)")
+    check_bpe_vocab(vocab_size)
     tok = HFTokenizer(models.BPE())
     # No normaliser and add_prefix_space=False keep decode(encode(s)) == s exactly.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

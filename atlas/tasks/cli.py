@@ -78,7 +78,7 @@ def cmd_eval_mqar(args) -> None:
     model, cfg, ckpt, step = load_for_eval(args.run, args.device)
     T = args.seq_len or cfg.train.seq_len
     data = cfg.data
-    trained_on_mqar = getattr(data, "task", "text") == "mqar" and T == cfg.train.seq_len
+    trained_on_mqar = data.task == "mqar" and T == cfg.train.seq_len
     kv = args.kv_pairs or (data.mqar_kv_pairs if trained_on_mqar else ZOOLOGY_KV.get(T, max(1, T // 16)))
     V = args.vocab_size or cfg.model.vocab_size
     if V > cfg.model.vocab_size:
@@ -101,7 +101,7 @@ def cmd_eval_passkey(args) -> None:
     model, cfg, ckpt, step = load_for_eval(args.run, args.device)
     tok = Tokenizer.load(ckpt)  # the tokenizer the run trained with, copied into every checkpoint
     length = args.length or 4 * cfg.train.seq_len
-    digits = args.digits or getattr(cfg.data, "passkey_digits", 5)
+    digits = args.digits or cfg.data.passkey_digits
     if args.n < 1:
         raise UserError(f"atlas eval passkey: --n {args.n}; use at least 1 example")
     r = passkey_eval(model, tok, length, n=args.n, digits=digits, seed=args.seed, batch_size=args.batch_size)

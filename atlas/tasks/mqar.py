@@ -20,6 +20,7 @@ any example can be rebuilt from its id alone: resuming and sharding over ranks n
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from collections import OrderedDict
 
 import numpy as np
@@ -154,6 +155,25 @@ def model_device(model) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+@contextmanager
+def eval_mode(model):
+    """model.eval() inside, and back to the mode it came in (any callable without .eval() passes)."""
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        yield model
+    finally:
+        if was_training:
+            model.train()
+
+
+def scored_hits(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    """(argmax == label, labels scored) over positions whose label is not IGNORE."""
+    mask = y != IGNORE
+    return int((logits.argmax(-1)[mask] == y[mask]).sum()), int(mask.sum())
+
+
 @torch.no_grad()
 def scored_accuracy(model, batches, device=None) -> tuple[int, int]:
     """(correct, scored) over (x, y) batches: argmax logit == label where label != -100."""
@@ -164,10 +184,8 @@ def scored_accuracy(model, batches, device=None) -> tuple[int, int]:
         if logits.shape[-1] <= int(y.max()):
             raise UserError(f"the model has {logits.shape[-1]} output ids but the task uses ids up to "
                             f"{int(y.max())}; evaluate with vocab_size <= the model's")
-        y = y.to(device)
-        mask = y != IGNORE
-        correct += int((logits.argmax(-1)[mask] == y[mask]).sum())
-        scored += int(mask.sum())
+        c, n = scored_hits(logits, y.to(device))
+        correct, scored = correct + c, scored + n
     return correct, scored
 
 
@@ -176,10 +194,7 @@ def mqar_accuracy(model, task: MQAR, n_examples: int = 1000, batch_size: int = 6
     `model(idx)` returns (logits (B, T, V), state); the model is left in the mode it came in."""
     if n_examples < 1 or batch_size < 1:
         raise UserError(f"mqar_accuracy: n_examples={n_examples} batch_size={batch_size}; both must be >= 1")
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
+    with eval_mode(model):
         n_batches = math.ceil(n_examples / batch_size)
         last = n_examples - (n_batches - 1) * batch_size
 
@@ -187,7 +202,4 @@ def mqar_accuracy(model, task: MQAR, n_examples: int = 1000, batch_size: int = 6
             for i, (x, y) in enumerate(task.val_batches(batch_size, n_batches)):
                 yield (x[:last], y[:last]) if i == n_batches - 1 else (x, y)
         correct, scored = scored_accuracy(model, trimmed(), device)
-    finally:
-        if was_training:
-            model.train()
     return correct / max(scored, 1)

@@ -24,7 +24,7 @@ import torch
 
 from atlas.data import embedded_split
 from atlas.errors import UserError
-from atlas.tasks.mqar import RETRIEVAL, STORAGE, model_device
+from atlas.tasks.mqar import RETRIEVAL, STORAGE, eval_mode, model_device
 from atlas.data.loader import mix
 from atlas.tasks.stream import IGNORE, TaskBatches, torch_pair
 
@@ -65,6 +65,9 @@ class Passkey:
             raise UserError(f"Passkey digits={digits}; use 1..18")
         self.tok, self.T, self.digits, self.seed, self.split = tokenizer, seq_len, digits, seed, split
         self.question = tokenizer.encode(QUESTION)
+        # the needle's fixed text, encoded once (each training example would re-encode it)
+        self._lead, self._mid, self._tail = (tokenizer.encode(t) for t in ("The pass key is", ". Remember it.",
+                                                                            " is the pass key.\n"))
         longest = self._needle("9" * digits)
         fixed = len(longest[0]) + len(self.question) + len(longest[1])
         if seq_len < fixed + 16:
@@ -83,8 +86,8 @@ class Passkey:
 
     def _needle(self, key: str) -> tuple[list, list]:
         """(needle ids, answer ids): the number is encoded alone, with its leading space, every time."""
-        num, enc = self.tok.encode(f" {key}"), self.tok.encode
-        needle = enc("The pass key is") + num + enc(". Remember it.") + num + enc(" is the pass key.\n")
+        num = self.tok.encode(f" {key}")
+        needle = self._lead + num + self._mid + num + self._tail
         return needle, num
 
     def _haystack(self, rng: np.random.Generator, n: int, text: str) -> list:
@@ -184,11 +187,8 @@ def passkey_eval(model, tokenizer, length: int, n: int = 50, depths=DEPTHS, digi
     task = Passkey(tokenizer, max(length, 1), digits=digits, seed=seed, split="val")
     exs = [task.sample(np.random.default_rng(mix("atlas-passkey-eval", seed, length, digits, i)), length,
                        depth=depths[i % len(depths)], with_answer=False) for i in range(n)]
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
     hits, digit_hits = [], []  # whole keys; digits in place (progress before keys come out whole)
-    try:
+    with eval_mode(model):
         for s in range(0, n, batch_size):
             part = exs[s:s + batch_size]
             prompts = torch.tensor([e.ids for e in part], dtype=torch.long, device=device)  # (b, length)
@@ -197,9 +197,6 @@ def passkey_eval(model, tokenizer, length: int, n: int = 50, depths=DEPTHS, digi
                 said = tokenizer.decode(g[:len(e.answer_ids)]).strip()
                 hits.append(said == e.key)
                 digit_hits.append(sum(a == b for a, b in zip(said, e.key)) / len(e.key))
-    finally:
-        if was_training:
-            model.train()
     per_depth = {str(d): float(np.mean(hits[i::len(depths)])) for i, d in enumerate(depths) if hits[i::len(depths)]}
     return {"accuracy": float(np.mean(hits)) if hits else 0.0, "digit_accuracy": float(np.mean(digit_hits)),
             "per_depth": per_depth, "n": n, "length": length}

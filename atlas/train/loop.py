@@ -18,6 +18,7 @@ from ..config import Config, phase_at, stage_at, total_steps
 from ..memory.stats import memory_stats
 from ..model import AtlasLM, GateMode
 from ..model.generate import generate
+from ..tasks.mqar import scored_hits
 from .checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from .data import load_data
 from .flops import flops_per_token, peak_flops
@@ -190,9 +191,8 @@ def _val_pass(model, data, n_batches: int, autocast) -> tuple[float, float | Non
         with autocast:
             logits, _ = model(x)
         losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()))
-        mask = y != -100
-        hits += int((logits.argmax(-1)[mask] == y[mask]).sum())
-        scored += int(mask.sum())
+        c, n = scored_hits(logits, y)
+        hits, scored = hits + c, scored + n
     retrieval = hits / scored if data.task != "text" and scored else None
     return torch.stack(losses).mean().item(), retrieval
 
