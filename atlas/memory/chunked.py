@@ -63,8 +63,9 @@ def memory_scan_chunked(q, k, v, alpha, eta, theta, gamma, *, chunk_size, window
 
     y = torch.cat(ys, dim=2).transpose(1, 2)  # (B, T, H, Dv)
     cut = kx.shape[2] - (W - 1)
-    halo = MemoryState(M=M, S=S, k=kx[:, :, cut:].transpose(1, 2), v=vx[:, :, cut:].transpose(1, 2),
-                       gamma=gx[:, :, cut:].transpose(1, 2))
+    # copies, not views: a view would keep the whole (W-1+T)-token buffers alive in the carried state
+    halo = MemoryState(M=M, S=S, k=kx[:, :, cut:].transpose(1, 2).clone(), v=vx[:, :, cut:].transpose(1, 2).clone(),
+                       gamma=gx[:, :, cut:].transpose(1, 2).clone())
     return y, halo
 
 
@@ -91,19 +92,20 @@ def _scan_chunks(pkx, vx, gx, pq, log_beta, log_eta, th, M, S, s0, n, nc, W, dt,
     c_S = ((Le[..., -1:, :] @ th_band) * g[..., None, :])[..., 0, :]  # (B, H, nc, n+W-1)
     A = G * (q_c @ pk.transpose(-1, -2))  # (B, H, nc, n, n+W-1): queries against window keys
 
-    M_refs, S_seens = [], []
+    M_refs, S_seens, errs = [], [], []
     for c in range(nc):  # the only sequential part: chunk-start states
         S_seen = newton_schulz5(S) if muon else S
         M_refs.append(M)
         S_seens.append(S_seen)
         err = _errors(pk[:, :, c], v[:, :, c], M, huber_delta)  # (B, H, n+W-1, Dv)  e_i at M_ref
+        errs.append(err)
         M_new = (P[:, :, c, -1, None, None] * M + f[:, :, c, -1, None, None] * S_seen
                  - (G[:, :, c, -1, :, None] * err).transpose(-1, -2) @ pk[:, :, c])  # (B, H, Dv, Dk)
         S = Pe[:, :, c, -1, None, None] * S - (c_S[:, :, c, :, None] * err).transpose(-1, -2) @ pk[:, :, c]
         M = clamp_norm(M_new, max_norm)
 
     M_ref, S_ref = torch.stack(M_refs, 2), torch.stack(S_seens, 2)  # (B, H, nc, Dv, Dk)
-    err = _errors(pk, v, M_ref, huber_delta)  # (B, H, nc, n+W-1, Dv), recomputed in one batch
+    err = torch.stack(errs, 2)  # (B, H, nc, n+W-1, Dv)
     y = (P[..., None] * (q_c @ M_ref.transpose(-1, -2)) + f[..., None] * (q_c @ S_ref.transpose(-1, -2))
          - A @ err)  # (B, H, nc, n, Dv)
     return y.flatten(2, 3), M, S

@@ -44,4 +44,4 @@ def memory_scan_reference(q, k, v, alpha, eta, theta, gamma, *, chunk_size, wind
 
     y = torch.stack(ys, dim=1)  # (B, T, H, Dv)
     cut = kx.shape[1] - (W - 1)
-    return y, MemoryState(M=M, S=S, k=kx[:, cut:], v=vx[:, cut:], gamma=gx[:, cut:])
+    return y, MemoryState(M=M, S=S, k=kx[:, cut:].clone(), v=vx[:, cut:].clone(), gamma=gx[:, cut:].clone())

@@ -27,9 +27,6 @@ class MemoryState:
         return cls(M=z(B, H, Dv, Dk), S=z(B, H, Dv, Dk), k=z(B, window - 1, H, Dk),
                    v=z(B, window - 1, H, Dv), gamma=z(B, window - 1, H))
 
-    def detach(self) -> "MemoryState":
-        return MemoryState(*(t.detach() for t in (self.M, self.S, self.k, self.v, self.gamma)))
-
 
 def apply_poly(x: torch.Tensor, poly: torch.Tensor | None) -> torch.Tensor:
     """phi(x) = sum_i a_i x^i elementwise (a_1..a_p); None is the identity."""
@@ -42,10 +39,11 @@ def apply_poly(x: torch.Tensor, poly: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
-# Newton–Schulz-5 coefficients used by Muon (Jordan et al., 2024).
 # Tokens per Triton kernel block (triton_scan.py): a longer chunk runs as blocks of this many
 # sharing the chunk-start memory. Here, not in triton_scan, so FLOP counts need no triton.
 SUB_CHUNK = 64
+
+# Newton–Schulz-5 coefficients used by Muon (Jordan et al., 2024).
 _NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 

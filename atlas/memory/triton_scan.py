@@ -243,7 +243,9 @@ _scan_fwd.register_autograd(_backward, setup_context=_setup)
 
 # --- the impl --------------------------------------------------------------------------------
 def _fallback(reason, args, kw):
-    warnings.warn(f"memory_scan(impl='triton'): {reason}; using impl='chunked'", stacklevel=4)
+    """`chunked` on the same inputs, in the state's dtype; warns with the reason when one is given."""
+    if reason:
+        warnings.warn(f"memory_scan(impl='triton'): {reason}; using impl='chunked'", stacklevel=4)
     dt = kw["state"].M.dtype
     return memory_scan_chunked(*(t.to(dt) for t in args), **kw)
 
@@ -261,7 +263,7 @@ def memory_scan_triton(q, k, v, alpha, eta, theta, gamma, *, chunk_size, window,
     B, T, H, Dk = q.shape
     W, dt = window, state.M.dtype
     if T < DECODE_T:  # decoding: a few tokens are a few tiny matmuls; padded kernel blocks cost more
-        return memory_scan_chunked(*(t.to(dt) for t in args), **kw)
+        return _fallback(None, args, kw)
     if muon or max_norm is not None:
         return _fallback("muon and max_norm are not in the kernels", args, kw)
     if dt == torch.float64:

@@ -15,17 +15,20 @@ class KVCache:
     pos: int  # absolute position of the next token
 
 
-def rope(x: torch.Tensor, pos0: int, theta: float) -> torch.Tensor:
-    """Rotate pairs of x (B, H, T, D) by their absolute positions pos0 .. pos0+T-1."""
-    T, D = x.shape[-2], x.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)  # (D/2,)
-    ang = torch.arange(pos0, pos0 + T, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # (T, D/2)
-    cos, sin = ang.cos(), ang.sin()
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    cos, sin = cos.to(work), sin.to(work)
-    x1, x2 = x.to(work).unflatten(-1, (D // 2, 2)).unbind(-1)  # (B, H, T, D/2) each
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-    return out.to(x.dtype)
+def rope(xs: tuple[torch.Tensor, ...], pos0: int, theta: float) -> tuple[torch.Tensor, ...]:
+    """Rotate pairs of each x (B, H, T, D) by their absolute positions pos0 .. pos0+T-1; the
+    angles are computed once for all of xs (q and k)."""
+    T, D = xs[0].shape[-2], xs[0].shape[-1]
+    dev = xs[0].device
+    inv_freq = theta ** (-torch.arange(0, D, 2, device=dev, dtype=torch.float32) / D)  # (D/2,)
+    ang = torch.arange(pos0, pos0 + T, device=dev, dtype=torch.float32)[:, None] * inv_freq  # (T, D/2)
+    work = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+    cos, sin = ang.cos().to(work), ang.sin().to(work)
+
+    def rotate(x):
+        x1, x2 = x.to(work).unflatten(-1, (D // 2, 2)).unbind(-1)  # (B, H, T, D/2) each
+        return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).to(x.dtype)
+    return tuple(rotate(x) for x in xs)
 
 
 class Attention(nn.Module):
@@ -43,7 +46,7 @@ class Attention(nn.Module):
         window = window or self.window
         pos0 = cache.pos if cache is not None else 0
         q, k, v = self.w_qkv(x).view(B, T, 3, self.H, self.D).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
-        q, k = rope(q, pos0, self.rope_theta), rope(k, pos0, self.rope_theta)
+        q, k = rope((q, k), pos0, self.rope_theta)
         if cache is not None:
             k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)  # (B, H, L+T, D)
         L = k.shape[2]

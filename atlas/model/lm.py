@@ -74,9 +74,8 @@ class AtlasLM(nn.Module):
 
     def set_chunk_size(self, chunk_size: int) -> None:
         """TNT stages change the memory chunk size during training."""
-        for b in self.blocks:
-            if b.has_memory:
-                b.memory.chunk_size = chunk_size
+        for m in self.memory_layers():
+            m.chunk_size = chunk_size
 
     def memory_layers(self):
         return [b.memory for b in self.blocks if b.has_memory]
