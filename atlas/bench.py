@@ -136,7 +136,7 @@ def bench_layer(B, T, H, D, chunk, dtype, device, impls) -> dict:
         mem = NeuralMemory(dim=d, chunk_size=chunk, heads=H, dim_head=D, model=MemoryMLP(D, depth=1)).to(device)
         xt = torch.randn(B, T, d, device=device, requires_grad=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            ms = timed(fwd_bwd(mem, (xt,), mem.parameters()), reps=10)
+            ms = timed(fwd_bwd(mem, (xt,), mem.parameters()))
         out["titans_pytorch_ms"], out["titans_pytorch_tok_s"] = ms, B * T / ms * 1e3
     except ImportError as e:
         out["titans_pytorch_tok_s"] = None
@@ -148,8 +148,11 @@ def bench_model(preset: str, overrides: list[str], B: int, T: int, device, compi
     res = {}
     for name, extra in (("atlas", []), ("transformer", ["model.memory.enabled=false"])):
         cfg = load_config(preset, overrides + extra + [f"train.seq_len={T}"])
-        model = AtlasLM(cfg.model).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+        def build():
+            m = AtlasLM(cfg.model).to(device)
+            return m, torch.optim.AdamW(m.parameters(), lr=1e-4, fused=device.type == "cuda")
+        model, opt = build()
         is_compiled = False
         if compile_:
             try:  # fall back to eager (and say so) rather than lose the measurement
@@ -160,16 +163,14 @@ def bench_model(preset: str, overrides: list[str], B: int, T: int, device, compi
                 is_compiled = True
             except Exception as e:  # noqa: BLE001
                 res[f"{name}_compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                model = AtlasLM(cfg.model).to(device)
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+                model, opt = build()
         res[f"{name}_compiled"] = is_compiled
-        fwd = model
         idx = torch.randint(0, cfg.model.vocab_size, (B, T + 1), device=device)
 
         def step():
             torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits, _ = fwd(idx[:, :-1])
+                logits, _ = model(idx[:, :-1])
             F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten()).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -180,7 +181,7 @@ def bench_model(preset: str, overrides: list[str], B: int, T: int, device, compi
         peak = peak_flops(torch.cuda.get_device_name()) if device.type == "cuda" else None
         if peak:
             res[f"{name}_mfu"] = tok_s * flops_per_token(cfg.model, T, cfg.model.memory.chunk_size) / peak
-        del model, opt, fwd
+        del model, opt
     return res
 
 
@@ -247,7 +248,7 @@ def run(out_path: Path, smoke: bool, sections=SECTIONS, compile_model: bool = Tr
         for t in Ts:
             x = torch.randn(1, t, H * D, device=device, dtype=dtype, requires_grad=True)
             layer = compiled(memory_layer(H * D, H, best, chunk, dtype, device), mode)
-            ms = timed(fwd_bwd(layer, (x,), layer.parameters()), reps=10)
+            ms = timed(fwd_bwd(layer, (x,), layer.parameters()))
             result["scaling"].append({"T": t, "ms": ms, "us_per_token": ms / t * 1e3, "impl": best,
                                       "mode": mode or "compiled"})
         result["commands"]["scaling"] = cmd

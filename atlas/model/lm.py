@@ -56,8 +56,8 @@ class AtlasLM(nn.Module):
         """The memory-utilisation loss of the last forward: sum_layers relu(target - mean gate)^2."""
         c = self.cfg.gate
         gates = [b.gate_mean for b in self.blocks if b.has_memory and b.gate_mean is not None]
-        if not gates:
-            return torch.zeros(())
+        if not gates or c.aux_weight == 0:
+            return torch.zeros((), device=self.embed.weight.device)
         return c.aux_weight * sum(torch.relu(c.aux_target - g) ** 2 for g in gates)
 
     @contextmanager

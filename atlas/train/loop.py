@@ -100,7 +100,7 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
                 with autocast:
                     logits, state = fwd(x, gate_modes=modes)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # -100 labels are not scored
-                aux = model.gate_aux_loss().to(device) if cfg.model.gate.aux_weight > 0 else 0.0
+                aux = model.gate_aux_loss()
                 ((loss + aux) / t.grad_accum).backward()  # each backward() adds to .grad
             loss_sum += loss.detach() / t.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -147,14 +147,15 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
         if rank == 0 and data.tokenizer is not None and (step % t.sample_every == 0 or step == last_step):
             write_samples(model, data.tokenizer, run_dir, step, t)
         if step % t.checkpoint_every == 0 or step == last_step:
-            if not all(torch.isfinite(p).all() for p in model.parameters()):  # never save a broken model
+            finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()  # one host sync
+            if not finite:  # never save a broken model
                 stop_diverged(log, step, run_dir, "the weights are not finite")
-        if rank == 0 and (step % t.checkpoint_every == 0 or step == last_step):
-            path = save_checkpoint(run_dir, step, model, opt, {"data": data.train.state_dict()},
-                                   cfg.to_dict(), data.tokenizer_file)
-            prune_checkpoints(run_dir, t.keep_last, t.checkpoint_every)
-            log.line(f"step {step}: checkpoint {path}", echo=bar is None)
-            t_log = time.perf_counter()  # don't charge checkpoint time to tokens/s
+            if rank == 0:
+                path = save_checkpoint(run_dir, step, model, opt, {"data": data.train.state_dict()},
+                                       cfg.to_dict(), data.tokenizer_file)
+                prune_checkpoints(run_dir, t.keep_last, t.checkpoint_every)
+                log.line(f"step {step}: checkpoint {path}", echo=bar is None)
+                t_log = time.perf_counter()  # don't charge checkpoint time to tokens/s
     if bar is not None:
         bar.close()
     log.line(f"done: {step} steps; run directory {run_dir}")
@@ -186,14 +187,16 @@ def _val_pass(model, data, n_batches: int, autocast) -> tuple[float, float | Non
     when the task scores only some (retrieval tasks)."""
     device = next(model.parameters()).device
     losses, hits, scored = [], 0, 0
+    retrieval_task = data.task != "text"  # text scores every position: no accuracy to report
     for x, y in data.val_batches(n_batches):
         x, y = x.to(device), y.to(device)
         with autocast:
             logits, _ = model(x)
         losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()))
-        c, n = scored_hits(logits, y)
-        hits, scored = hits + c, scored + n
-    retrieval = hits / scored if data.task != "text" and scored else None
+        if retrieval_task:
+            c, n = scored_hits(logits, y)
+            hits, scored = hits + c, scored + n
+    retrieval = hits / scored if retrieval_task and scored else None
     return torch.stack(losses).mean().item(), retrieval
 
 
