@@ -25,16 +25,9 @@ def load_for_eval(path_arg: str, device_arg: str = "auto"):
 
     from ..config import config_from_dict, read_yaml, stage_at
     from ..model import AtlasLM
-    from ..train.checkpoint import MARKER, complete_checkpoints, latest_checkpoint
+    from ..train.checkpoint import latest_checkpoint
 
-    path = Path(path_arg)
-    if not path.is_dir():
-        raise UserError(f"atlas eval: {path} is not a directory; pass a run directory or one of its "
-                        f"checkpoints/checkpoint_<step>")
-    if not (path / MARKER).is_file() and not complete_checkpoints(path):
-        raise UserError(f"atlas eval: {path} holds no complete checkpoint (looked for {path}/{MARKER} and "
-                        f"{path}/checkpoints/checkpoint_*/{MARKER}); train first or pass another run")
-    ckpt = latest_checkpoint(path)
+    ckpt = latest_checkpoint(Path(path_arg), who="atlas eval", hint="train first or pass another run")
     cfg_file = ckpt / "config.yaml"
     if not cfg_file.is_file():
         raise UserError(f"atlas eval: {cfg_file} is missing; the checkpoint is damaged, pass another one")

@@ -66,16 +66,17 @@ def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(path: Path) -> Path:
-    """A run directory (its newest complete checkpoint) or one checkpoint directory."""
+def latest_checkpoint(path: Path, who: str = "--resume", hint: str = "start a new run instead") -> Path:
+    """A run directory (its newest complete checkpoint) or one checkpoint directory. `who` and
+    `hint` word the error for the command that asked (`--resume`, `atlas eval`)."""
     if (path / MARKER).is_file():
         return path
     if not path.is_dir():
-        raise UserError(f"--resume {path}: no such run or checkpoint directory")
+        raise UserError(f"{who} {path}: no such run or checkpoint directory")
     found = complete_checkpoints(path)
     if not found:
-        raise UserError(f"--resume {path}: no complete checkpoint in {path / 'checkpoints'}; "
-                        "start a new run instead")
+        raise UserError(f"{who} {path}: no complete checkpoint in {path / 'checkpoints'} "
+                        f"(nor a {MARKER} file in {path}); {hint}")
     return found[-1][1]
 
 
