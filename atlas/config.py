@@ -311,21 +311,26 @@ def total_steps(cfg: Config) -> int:
     return cfg.train.max_steps or sum(s.steps for s in cfg.train.stages)
 
 
+def _segment_at(segments, step: int) -> int | None:
+    """Index of the segment holding optimizer step `step` (0-based) when segments (each with
+    .steps) run back to back from step 0; None past their end."""
+    end = 0
+    for i, seg in enumerate(segments):
+        end += seg.steps
+        if step < end:
+            return i
+    return None
+
+
 def phase_at(cfg: Config, step: int) -> str:
     """The gate mode of optimizer step `step` (0-based): the phases run from step 0, then normal."""
-    end = 0
-    for p in cfg.train.phases:
-        end += p.steps
-        if step < end:
-            return p.mode
-    return "normal"
+    i = _segment_at(cfg.train.phases, step)
+    return "normal" if i is None else cfg.train.phases[i].mode
 
 
 def stage_at(cfg: Config, step: int) -> tuple[int, Stage]:
     """The stage that optimizer step `step` (0-based) belongs to; the last stage runs on past its end."""
-    end = 0
-    for i, s in enumerate(cfg.train.stages):
-        end += s.steps
-        if step < end:
-            return i, s
-    return len(cfg.train.stages) - 1, cfg.train.stages[-1]
+    stages = cfg.train.stages
+    i = _segment_at(stages, step)
+    i = len(stages) - 1 if i is None else i
+    return i, stages[i]
