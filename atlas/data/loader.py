@@ -162,6 +162,20 @@ class PositionStream:
         """Jump to training step `step` (as if next() had been called `step` times)."""
         self.position = int(step) * self.B * self.W
 
+    _epoch_cache: tuple[int, np.ndarray] | None = None  # (epoch, its visiting order)
+
+    def _epoch_items(self, first: int, count: int, n: int, order) -> np.ndarray:
+        """Items first .. first+count-1 of a stream that visits epoch e of n items as order(e), an
+        int64 (n,) array; the current epoch's order is cached. A batch may straddle two epochs."""
+        idx = np.arange(first, first + count, dtype=np.int64)
+        out = np.empty(count, np.int64)
+        for e in np.unique(idx // n):
+            if self._epoch_cache is None or self._epoch_cache[0] != e:
+                self._epoch_cache = (int(e), order(int(e)))
+            sel = idx // n == e
+            out[sel] = self._epoch_cache[1][idx[sel] % n]
+        return out
+
 
 def _need(n_tokens: int, seq_len: int, where: str) -> None:
     if n_tokens < seq_len + 1:
@@ -192,7 +206,6 @@ class Batches(PositionStream):
         self.slack = (len(self.tokens) - 1) - self.n_windows * seq_len  # room for the epoch phase
         self.position = 0  # items of the global stream consumed by all ranks together
         self.last_starts: np.ndarray | None = None
-        self._epoch_cache: tuple[int, np.ndarray] | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -204,23 +217,12 @@ class Batches(PositionStream):
 
     def _starts(self, epoch: int) -> np.ndarray:
         """Window start offsets of `epoch` in visiting order, int64 (n_windows,)."""
-        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            rng = np.random.default_rng(mix("atlas-batches", self.seed, epoch))
-            phase = int(rng.integers(0, self.slack + 1))
-            order = rng.permutation(self.n_windows).astype(np.int64)
-            self._epoch_cache = (epoch, phase + order * self.T)
-        return self._epoch_cache[1]
-
-    def _items(self, first: int, count: int) -> np.ndarray:
-        idx = np.arange(first, first + count)
-        out = np.empty(count, np.int64)
-        for e in np.unique(idx // self.n_windows):  # a batch may straddle two epochs
-            sel = idx // self.n_windows == e
-            out[sel] = self._starts(int(e))[idx[sel] % self.n_windows]
-        return out
+        rng = np.random.default_rng(mix("atlas-batches", self.seed, epoch))
+        phase = int(rng.integers(0, self.slack + 1))
+        return phase + rng.permutation(self.n_windows).astype(np.int64) * self.T
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = self._items(self.position + self.rank * self.B, self.B)
+        starts = self._epoch_items(self.position + self.rank * self.B, self.B, self.n_windows, self._starts)
         self.position += self.B * self.W
         self.last_starts = starts
         win = np.asarray(self.tokens[starts[:, None] + np.arange(self.T + 1)], dtype=np.int64)  # (B, T+1)

@@ -40,7 +40,6 @@ class TaskBatches(PositionStream):
         self.position = 0  # items of the global stream consumed by all ranks together
         self.last_ids: np.ndarray | None = None
         self.last_modes: np.ndarray | None = None
-        self._perm: tuple[int, np.ndarray] | None = None
 
     @property
     def steps_per_epoch(self) -> int | None:
@@ -51,17 +50,12 @@ class TaskBatches(PositionStream):
         return 0 if self.num_examples is None else self.position // self.num_examples
 
     def _ids(self, first: int, count: int) -> np.ndarray:
-        items = np.arange(first, first + count, dtype=np.int64)
         if self.num_examples is None:
-            return items
-        n, out = self.num_examples, np.empty(count, np.int64)
-        for e in np.unique(items // n):  # a batch may straddle two epochs
-            if self._perm is None or self._perm[0] != e:
-                rng = np.random.default_rng(mix("atlas-task-epoch", self.seed, int(e)))
-                self._perm = (int(e), rng.permutation(n))
-            sel = items // n == e
-            out[sel] = self._perm[1][items[sel] % n]
-        return out
+            return np.arange(first, first + count, dtype=np.int64)
+
+        def order(e):
+            return np.random.default_rng(mix("atlas-task-epoch", self.seed, e)).permutation(self.num_examples)
+        return self._epoch_items(first, count, self.num_examples, order)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         ids = self._ids(self.position + self.rank * self.B, self.B)
@@ -79,7 +73,7 @@ class TaskBatches(PositionStream):
         if state.get("task") != self.meta:
             raise UserError(f"data state is for task {state.get('task')}, this run's is {self.meta}; "
                             f"resume with the same task settings")
-        self.position, self.seed, self._perm = int(state["position"]), state["seed"], None
+        self.position, self.seed, self._epoch_cache = int(state["position"]), state["seed"], None
 
 
 def torch_pair(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
