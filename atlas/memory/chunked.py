@@ -32,6 +32,32 @@ def _decay_matrix(log_gate: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Te
     return L, cum
 
 
+def log_gates(alpha: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log(1 - alpha), log(eta), each gate clamped just inside its edge (eta = 0, alpha = 1): there
+    it gets no gradient, which through the log would be ~1/eta times a sum that cancels to zero,
+    i.e. rounding noise of order 1e35. Sigmoid gates never sit exactly on the edge."""
+    alpha_max = 1 - torch.finfo(alpha.dtype).eps / 2  # the largest float below 1
+    return torch.log1p(-alpha.clamp(max=alpha_max)), torch.log(eta.clamp(min=_GATE_MIN))
+
+
+def gate_products(log_beta, log_eta, th, g, W: int, dtype):
+    """The decay products of a block of n queries against its n + W - 1 (or more, padded) keys.
+
+    log_beta, log_eta, th (..., n); g (..., L) Omega weights of the keys, halo first.
+    Returns Le (..., n, n), P, Pe, f (..., n), th_band (..., n, L), G (..., n, L)."""
+    Lb, cb = _decay_matrix(log_beta, dtype)
+    Le, ce = _decay_matrix(log_eta, dtype)
+    P = torch.exp(cb).to(dtype)  # prod_{l<=j} beta_l
+    Pe = torch.exp(ce).to(dtype)  # prod_{l<=j} eta_l
+    f = (Lb @ Pe[..., None])[..., 0]
+    m = torch.arange(log_beta.shape[-1], device=g.device)[:, None]
+    i = torch.arange(g.shape[-1], device=g.device)[None, :]
+    band = ((i >= m) & (i <= m + W - 1)).to(dtype)  # (n, L): key i is in query m's window
+    th_band = th[..., None] * band
+    G = ((Lb @ Le) @ th_band) * g[..., None, :]
+    return Le, P, Pe, f, th_band, G
+
+
 def memory_scan_chunked(q, k, v, alpha, eta, theta, gamma, *, chunk_size, window, poly, state,
                         huber_delta=None, max_norm=None, muon=False):
     B, T, H, Dk = q.shape
@@ -42,12 +68,7 @@ def memory_scan_chunked(q, k, v, alpha, eta, theta, gamma, *, chunk_size, window
     vx = torch.cat([state.v, v], dim=1).transpose(1, 2)  # (B, H, W-1+T, Dv)
     gx = torch.cat([state.gamma, gamma], dim=1).transpose(1, 2)  # (B, H, W-1+T)
     pkx, pq = apply_poly(kx, poly), apply_poly(q.transpose(1, 2), poly)  # (B, H, *, Dk)
-    # A gate exactly at its edge (eta = 0, alpha = 1) is clamped just inside it, and gets no
-    # gradient there: through the log, its gradient would be ~1/eta times a sum that cancels to
-    # zero, i.e. rounding noise of order 1e35. Sigmoid gates never sit exactly on the edge.
-    alpha_max = 1 - torch.finfo(alpha.dtype).eps / 2  # the largest float below 1
-    log_beta = torch.log1p(-alpha.clamp(max=alpha_max)).transpose(1, 2)  # (B, H, T)
-    log_eta = torch.log(eta.clamp(min=_GATE_MIN)).transpose(1, 2)  # (B, H, T)
+    log_beta, log_eta = (x.transpose(1, 2) for x in log_gates(alpha, eta))  # (B, H, T) each
     th = theta.transpose(1, 2)  # (B, H, T)
 
     M, S = state.M, state.S  # (B, H, Dv, Dk)
@@ -79,16 +100,8 @@ def _scan_chunks(pkx, vx, gx, pq, log_beta, log_eta, th, M, S, s0, n, nc, W, dt,
     pk, v, g = pkx[:, :, ki], vx[:, :, ki], gx[:, :, ki]  # (B, H, nc, n+W-1, .)
     q_c = pq[:, :, qi]  # (B, H, nc, n, Dk)
 
-    Lb, cb = _decay_matrix(log_beta[..., qi], dt)  # (B, H, nc, n, n), (B, H, nc, n)
-    Le, ce = _decay_matrix(log_eta[..., qi], dt)
-    P = torch.exp(cb).to(dt)  # (B, H, nc, n)  prod_{l<=j} beta_l
-    Pe = torch.exp(ce).to(dt)  # (B, H, nc, n)  prod_{l<=j} eta_l
-    f = (Lb @ Pe[..., None])[..., 0]  # (B, H, nc, n)
-    m_idx = torch.arange(n, device=dev)[:, None]
-    i_idx = torch.arange(n + W - 1, device=dev)[None, :]
-    band = ((i_idx >= m_idx) & (i_idx <= m_idx + W - 1)).to(dt)  # (n, n+W-1)
-    th_band = th[..., qi, None] * band  # (B, H, nc, n, n+W-1)
-    G = ((Lb @ Le) @ th_band) * g[..., None, :]  # (B, H, nc, n, n+W-1)
+    # Le (B, H, nc, n, n); P, Pe, f (B, H, nc, n); th_band, G (B, H, nc, n, n+W-1)
+    Le, P, Pe, f, th_band, G = gate_products(log_beta[..., qi], log_eta[..., qi], th[..., qi], g, W, dt)
     c_S = ((Le[..., -1:, :] @ th_band) * g[..., None, :])[..., 0, :]  # (B, H, nc, n+W-1)
     A = G * (q_c @ pk.transpose(-1, -2))  # (B, H, nc, n, n+W-1): queries against window keys
 

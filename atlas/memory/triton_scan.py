@@ -29,7 +29,7 @@ import triton
 
 from ..errors import UserError
 from . import triton_kernels as kern
-from .chunked import _GATE_MIN, _decay_matrix, memory_scan_chunked
+from .chunked import gate_products, log_gates, memory_scan_chunked
 from .state import SUB_CHUNK, MemoryState, apply_poly
 
 DECODE_T = 8  # calls shorter than this (token-by-token decoding) run `chunked`: the same function
@@ -115,21 +115,11 @@ def _gates(alpha, eta, theta, gx, W, plan):
     """
     def q_rows(x, pad_value):  # (B, T, H) -> (B, H, NSC, BT), padded rows inert
         return _rows(x, plan.qidx, plan, plan.BT).masked_fill(plan.qpad[None, :, :, None], pad_value).permute(0, 3, 1, 2)
-    alpha_max = 1 - torch.finfo(alpha.dtype).eps / 2  # chunked's clamps: edges stay finite in the logs
-    log_beta = q_rows(torch.log1p(-alpha.clamp(max=alpha_max)), 0.0)
-    log_eta = q_rows(torch.log(eta.clamp(min=_GATE_MIN)), 0.0)
+    log_beta, log_eta = (q_rows(x, 0.0) for x in log_gates(alpha, eta))
     th = q_rows(theta, 0.0)
     gk = _rows(gx, plan.kidx, plan, plan.BL).masked_fill(plan.kpad[None, :, :, None], 0.0).permute(0, 3, 1, 2)
-
-    Lb, cb = _decay_matrix(log_beta, alpha.dtype)  # (B, H, NSC, BT, BT)
-    Le, ce = _decay_matrix(log_eta, alpha.dtype)
-    P, Pe = torch.exp(cb).to(alpha.dtype), torch.exp(ce).to(alpha.dtype)  # (B, H, NSC, BT)
-    f = (Lb @ Pe[..., None])[..., 0]
-    m = torch.arange(plan.BT, device=alpha.device)[:, None]
-    i = torch.arange(plan.BL, device=alpha.device)[None, :]
-    band = ((i >= m) & (i <= m + W - 1)).to(alpha.dtype)  # (BT, BL): key i is in query m's window
-    thb = th[..., None] * band  # (B, H, NSC, BT, BL)
-    G = ((Lb @ Le) @ thb) * gk[..., None, :]
+    # Le (B, H, NSC, BT, BT); P, Pe, f (B, H, NSC, BT); thb, G (B, H, NSC, BT, BL)
+    Le, P, Pe, f, thb, G = gate_products(log_beta, log_eta, th, gk, W, alpha.dtype)
 
     def at_last(x):  # (B, H, NSC, BT, *rest) -> (B, H, NSC, *rest): each sub-chunk's last real row
         if plan.last_row is not None:
