@@ -1,6 +1,7 @@
 """Choosing, checking and describing a run directory (DESIGN.md §3)."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def check_new_run_dir(run_dir: Path) -> None:
                         f"--resume {run_dir} or choose another --run-dir")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
+        probe = run_dir / f".write_test.{os.getpid()}"  # per process: torchrun's ranks probe at once
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
