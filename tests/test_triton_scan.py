@@ -146,7 +146,7 @@ def test_bf16_on_gpu(W):
 
 def test_layer_decoding_with_triton_equals_one_call(monkeypatch):
     """A MemoryLayer on impl="triton": a prompt ending mid-chunk, then pieces of 1 and of 9 tokens
-    (the kernels and the short-call path both re-run the open chunk), equals one call."""
+    (the one-token step, and the kernels re-running the open chunk), equals one call."""
     from atlas.config import load_config
     from atlas.memory.layer import MemoryLayer
     monkeypatch.setattr(triton_scan, "SUB_CHUNK", 16)

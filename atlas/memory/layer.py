@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import MemoryConfig
+from .chunked import _GATE_MIN
 from .scan import memory_scan
-from .state import MemoryState
+from .state import MemoryState, clamp_norm, newton_schulz5
+from .step import Running, memory_step
 
 
 @dataclass
@@ -19,15 +21,17 @@ class MemoryLayerState:
 
     Chunks are aligned to the sequence start, and inside a chunk every token's gradient is taken
     at the chunk-start memory. So a call that ends mid-chunk keeps that chunk's start state and
-    its tokens' scan inputs; the next call re-runs the open chunk from there. Token-by-token
-    decoding is then the function training computed (re-running up to chunk_size - 1 tokens a
-    step), not a different one with per-token chunks, whose memory drifts from what training
-    wrote -- and diverges outright with the large learning rates training tolerates in chunks.
+    its tokens' scan inputs; a later call of several tokens re-runs the open chunk from there,
+    and a single token takes one O(1) step of the same recurrence (step.py). Decoding is then
+    the function training computed, not a different one with per-token chunks, whose memory
+    drifts from what training wrote -- and diverges outright with the large learning rates
+    training tolerates in chunks.
     """
-    memory: MemoryState  # after every token so far (what the per-layer stats read)
+    memory: MemoryState  # after every token so far, M clamped (what the per-layer stats read)
     conv: torch.Tensor | None  # (B, conv_size-1, C): the conv's input halo
     chunk_start: MemoryState | None = None  # at the open chunk's first token (None: zeros)
     pending: tuple | None = None  # the open chunk's scan inputs q, k, v, alpha, eta, theta, gamma (B, n, ...)
+    running: Running | None = None  # the open chunk's unclamped M and seen momentum (for the step)
 
 
 def _logit(p: float) -> float:
@@ -91,17 +95,21 @@ class MemoryLayer(nn.Module):
         theta = theta * c.max_lr
         if c.rule == "gd":
             eta = torch.zeros_like(eta)  # no momentum: S_t = -theta_t grad
-        y, memory, chunk_start, pending = self._scan((q, k, v, alpha, eta, theta, gamma), state)  # y (B, T, H, Dv)
+        ins = (q, k, v, alpha, eta, theta, gamma)
+        if T == 1 and state is not None:  # decoding: one O(1) step
+            y, new_state = self._step(ins, state)  # y (B, 1, H, Dv)
+        else:
+            y, new_state = self._scan(ins, state)  # y (B, T, H, Dv)
         # per-head norm (in float32: with a float32 weight and bf16 input RMSNorm takes a slow
         # unfused path), then heads side by side
         y = self.out_norm(y.float()).to(x.dtype).reshape(B, T, H * Dv)
-        return self.w_out(y), MemoryLayerState(memory, conv_state, chunk_start, pending)
+        new_state.conv = conv_state
+        return self.w_out(y), new_state
 
     def _scan(self, ins: tuple, state: MemoryLayerState | None):
         """memory_scan over this call's tokens, continuing an open chunk if the state has one.
         ins: q, k (B, T, H, Dk), v (B, T, H, Dv), alpha, eta, theta, gamma (B, T, H).
-        Returns y (B, T, H, Dv), the memory after every token, the memory at the open chunk's
-        start, and the open chunk's inputs (None when no chunk is open)."""
+        Returns y (B, T, H, Dv) and the new state (its conv halo left for the caller)."""
         c, C, T = self.cfg, self.chunk_size, ins[0].shape[1]
         start = None if state is None else state.memory
         if state is not None and state.pending is not None:
@@ -110,19 +118,53 @@ class MemoryLayer(nn.Module):
         n = ins[0].shape[1]
         cut = n // C * C  # the closed chunks; the rest stays open
 
-        def scan(lo, hi, st):
+        def scan(lo, hi, st, max_norm):
             return memory_scan(
                 *(x[:, lo:hi] for x in ins), chunk_size=C, window=c.context_window, poly=self.poly, state=st,
-                impl=self.impl, huber_delta=c.huber_delta if c.bias == "huber" else None, max_norm=c.max_norm,
-                muon=c.rule == "muon")
+                impl=self.impl, huber_delta=self._huber, max_norm=max_norm, muon=c.rule == "muon")
         ys, closed = [], start
         if cut:
-            y, closed = scan(0, cut, start)
+            y, closed = scan(0, cut, start, c.max_norm)
             ys.append(y)
-        after = closed
+        after, running = closed, None
         if n > cut or not cut:  # the open rest; an empty call also lands here (empty y, state kept)
-            y, after = scan(cut, n, closed)
+            # unclamped: max_norm acts when a chunk closes, and the decoding step continues this M
+            y, after = scan(cut, n, closed, None)
             ys.append(y)
+            S_seen = after.S
+            if c.rule == "muon" and closed is not None:  # M saw momentum NS5(S_ref), decayed by the etas
+                log_eta = torch.log(ins[4][:, cut:].to(after.S.dtype).clamp(min=_GATE_MIN)).sum(1)  # (B, H)
+                S_seen = S_seen + torch.exp(log_eta)[..., None, None] * (newton_schulz5(closed.S) - closed.S)
+            running = Running(after.M, S_seen)
+            after = replace(after, M=clamp_norm(after.M, c.max_norm))
         y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
         pending = tuple(x[:, cut:] for x in ins) if n > cut else None
-        return y[:, n - T:], after, closed, pending
+        return y[:, n - T:], MemoryLayerState(after, None, closed, pending, running if pending else None)
+
+    @property
+    def _huber(self):
+        return self.cfg.huber_delta if self.cfg.bias == "huber" else None
+
+    def _step(self, ins: tuple, state: MemoryLayerState):
+        """One token (T = 1) continuing `state`, equal to _scan's result on it (step.py)."""
+        c, C = self.cfg, self.chunk_size
+        q = ins[0]
+        if state.pending is None:  # the token opens a chunk
+            ref, n_open = state.memory, 0
+            run = Running(ref.M, newton_schulz5(ref.S) if c.rule == "muon" else ref.S)
+        else:
+            ref, n_open, run = state.chunk_start, state.pending[0].shape[1], state.running
+            if ref is None:  # the open chunk is the sequence's first
+                B, _, H, Dk = q.shape
+                ref = MemoryState.zeros(B, H, Dk, self.Dv, c.context_window, state.memory.M.dtype, q.device)
+        poly = None if self.poly is None else self.poly.to(ref.M.dtype)
+        y, after, run = memory_step(*(x[:, 0] for x in ins), ref=ref, now=state.memory, run=run,
+                                    window=c.context_window, poly=poly, huber_delta=self._huber)
+        after = replace(after, M=clamp_norm(after.M, c.max_norm))
+        y = y[:, None].to(q.dtype)  # (B, 1, H, Dv)
+        if n_open + 1 == C:  # the chunk closes: the next token starts from here
+            return y, MemoryLayerState(after, None, after, None, None)
+        pending = ins if state.pending is None else tuple(
+            torch.cat([p, x.to(p.dtype)], dim=1) for p, x in zip(state.pending, ins))
+        return y, MemoryLayerState(after, None, state.chunk_start if state.pending is not None else state.memory,
+                                   pending, run)

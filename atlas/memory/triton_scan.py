@@ -54,7 +54,7 @@ class _Plan:
 
 
 _PLANS: dict = {}  # (T, chunk, W, sub, device) -> _Plan, oldest first
-_MAX_PLANS = 64  # decoding re-runs the open chunk at every length below chunk_size: keep the recent
+_MAX_PLANS = 64  # inference calls come in many lengths (prompts, pieces): keep the recent
 
 
 def _plan(T: int, chunk: int, W: int, sub: int, device: torch.device) -> _Plan:
@@ -137,8 +137,8 @@ _compiled_gates = None
 def _gates_for(device):
     """_gates through torch.compile on CUDA: fused, its ~50 small ops stop costing a launch each
     (eager: ~1.7 ms of a 5.4 ms step at 2x4096x8x128). ATLAS_TRITON_COMPILE_GATES=0 turns it off;
-    inside a model being compiled it is simply traced along. Not under no_grad: decoding re-runs
-    the open chunk at every length up to chunk_size, and each length would be a new compile."""
+    inside a model being compiled it is simply traced along. Not under no_grad: inference calls
+    come in many lengths (prompts, pieces re-running an open chunk), each a new compile."""
     global _compiled_gates
     if (device.type != "cuda" or torch.compiler.is_compiling() or not torch.is_grad_enabled()
             or os.environ.get("ATLAS_TRITON_COMPILE_GATES") == "0"):

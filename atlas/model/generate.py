@@ -8,9 +8,8 @@ import torch
 def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8,
              top_k: int | None = 50, generator: torch.Generator | None = None) -> list[int]:
     """Sample continuation ids. The memory and attention caches carry across steps, so a new
-    token's cost does not grow with the context (with sliding-window attention): at most the
-    memory's open chunk (< chunk_size tokens) is re-run, which keeps decoding the function the
-    model was trained as."""
+    token's cost does not grow with the context (with sliding-window attention): the memory takes
+    one O(1) step of the function the model was trained as (atlas/memory/step.py)."""
     device = next(model.parameters()).device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     logits, state = model(idx)

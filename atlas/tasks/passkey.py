@@ -177,29 +177,44 @@ def _greedy(model, prompts: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def passkey_eval(model, tokenizer, length: int, n: int = 50, depths=DEPTHS, digits: int = 5, seed: int = 1234,
-                 device=None, batch_size: int = 8) -> dict:
-    """{"accuracy", "digit_accuracy", "per_depth": {depth: accuracy}, "n", "length"}: n prompts of exactly `length`
-    tokens from the validation works, depth i % len(depths) for prompt i, greedy answers."""
+                 device=None, batch_size: int = 8, autocast: bool | None = None) -> dict:
+    """n prompts of exactly `length` tokens from the validation works, depth i % len(depths) for
+    prompt i, answered greedily. Returns {"accuracy" (whole keys), "digit_accuracy" (digits in
+    place), "per_depth": {depth: accuracy}, "teacher_forced_accuracy", "n", "length"}.
+
+    teacher_forced_accuracy: keys whose every token is the argmax with the true answer fed in, one
+    call over prompt + answer. Greedy decoding yields exactly those keys when the carried state
+    computes the function a single call does, so a gap between the two means decoding is not the
+    trained function (or rounding flipped an argmax). autocast: bf16 as training runs it (default:
+    on CUDA), so evaluation sees the numerics the model was trained with."""
     if n < 1 or batch_size < 1 or not depths:
         raise UserError(f"passkey_eval: n={n} batch_size={batch_size} depths={depths}; need n, batch_size >= 1 "
                         f"and at least one depth")
-    device = device or model_device(model)
+    device = torch.device(device or model_device(model))
+    amp = torch.autocast(device.type, dtype=torch.bfloat16,
+                         enabled=device.type == "cuda" if autocast is None else autocast)
     task = Passkey(tokenizer, max(length, 1), digits=digits, seed=seed, split="val")
     exs = [task.sample(np.random.default_rng(mix("atlas-passkey-eval", seed, length, digits, i)), length,
                        depth=depths[i % len(depths)], with_answer=False) for i in range(n)]
-    hits, digit_hits = [], []  # whole keys; digits in place (progress before keys come out whole)
-    with eval_mode(model):
+    hits, digit_hits, forced = [], [], []  # whole keys; digits in place; keys by teacher forcing
+    with eval_mode(model), amp, torch.no_grad():
         for s in range(0, n, batch_size):
             part = exs[s:s + batch_size]
+            a = max(len(e.answer_ids) for e in part)
             prompts = torch.tensor([e.ids for e in part], dtype=torch.long, device=device)  # (b, length)
-            gen = _greedy(model, prompts, max(len(e.answer_ids) for e in part)).tolist()
+            gen = _greedy(model, prompts, a).tolist()
             for g, e in zip(gen, part):
                 said = tokenizer.decode(g[:len(e.answer_ids)]).strip()
                 hits.append(said == e.key)
-                digit_hits.append(sum(a == b for a, b in zip(said, e.key)) / len(e.key))
+                digit_hits.append(sum(x == y for x, y in zip(said, e.key)) / len(e.key))
+            answers = torch.tensor([e.answer_ids + e.answer_ids[-1:] * (a - len(e.answer_ids)) for e in part],
+                                   dtype=torch.long, device=device)  # (b, a), short answers padded
+            logits, _ = model(torch.cat([prompts, answers], dim=1))  # (b, length + a, V)
+            pred = logits[:, length - 1:length - 1 + a].argmax(-1).tolist()  # (b, a): the answer positions
+            forced += [p[:len(e.answer_ids)] == e.answer_ids for p, e in zip(pred, part)]
     per_depth = {str(d): float(np.mean(hits[i::len(depths)])) for i, d in enumerate(depths) if hits[i::len(depths)]}
-    return {"accuracy": float(np.mean(hits)) if hits else 0.0, "digit_accuracy": float(np.mean(digit_hits)),
-            "per_depth": per_depth, "n": n, "length": length}
+    return {"accuracy": float(np.mean(hits)), "digit_accuracy": float(np.mean(digit_hits)),
+            "per_depth": per_depth, "teacher_forced_accuracy": float(np.mean(forced)), "n": n, "length": length}
 
 
 def passkey_accuracy(model, tokenizer, length: int, n: int = 50, depths=DEPTHS, digits: int = 5,

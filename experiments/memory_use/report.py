@@ -17,8 +17,11 @@ def load_parts(dirs: list[Path]) -> dict:
     for d in dirs:
         for name in ("lm", "mqar", "passkey"):
             f = d / f"{name}.json"
-            if f.exists():
-                parts[name] = json.loads(f.read_text())
+            if f.exists():  # a part split over several directories (e.g. MQAR points) is merged
+                part = json.loads(f.read_text())
+                if name in parts:
+                    part["results"] = {**parts[name]["results"], **part["results"]}
+                parts[name] = part
     return parts
 
 
@@ -58,6 +61,7 @@ def build(parts: dict) -> dict:
         out["passkey"] = {"train_len": L, "eval_len": 4 * L,
                           **{k: (res[k]["accuracy"][str(4 * L)] if k in res else None) for k in ("atlas", "swa_only")},
                           "by_length": {k: v["accuracy"] for k, v in res.items()},
+                          "digit_accuracy_by_length": {k: v.get("digit_accuracy") for k, v in res.items()},
                           "budget": {k: {"steps": v["final_val"]["step"], "wall_s": v["wall_s"]} for k, v in res.items()},
                           # teacher-forced accuracy on the answer tokens of validation haystacks (train length)
                           "answer_token_acc": {k: v["final_val"].get("retrieval_acc") for k, v in res.items()},

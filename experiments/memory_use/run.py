@@ -65,9 +65,13 @@ MQAR_POINTS = [  # (T, kv pairs, attention window, training examples, epochs)
 ]
 
 # ---- passkey (episodic: the needle is STORAGE, the answer RETRIEVAL) ------------------------
+# memory learning rate: max_lr 1.0 (MQAR's) let M grow geometrically along a sequence (M_norm 4e8
+# at 256 tokens): training still fit the answers behind the output norm, but keys came out whole
+# at none of 256..1,024 tokens. max_lr 0.1 and 0.02 both give 1.0 at 4x; 0.02 keeps M_norm ~6
+# (parts/passkey_lr/, README "Passkey").
 PK_BASE = ["model.vocab_size=4096", "model.d_model=128", "model.n_layers=2", "model.n_heads=2", "model.d_ff=384",
            "model.max_seq_len=4096", "model.memory.heads=2", "model.memory.d_key=128", "model.memory.d_value=128",
-           "model.memory.context_window=1", "model.memory.max_lr=1.0", "model.memory.theta_init=0.5",
+           "model.memory.context_window=1", "model.memory.max_lr=0.02", "model.memory.theta_init=0.01",
            "model.memory.eta_init=0.88", "model.memory.alpha_init=0.02", "data.task=passkey", "train.seq_len=256",
            "train.batch_size=32", "train.lr=3e-3", "train.log_every=50", "train.stats_every=50",
            "train.val_every=500", "train.val_batches=4", "train.checkpoint_every=100000",
@@ -113,10 +117,13 @@ def save_part(out: Path, part: str, scale: str, res: dict) -> None:
 
 
 IMPL: list[str] = []  # set by --impl: the memory_scan implementation every recipe uses
+EXTRA: list[str] = []  # --set: overrides after each recipe's own (variants of a recipe, for exploring)
+ONLY: list[str] = []  # --only: run just these recipes of the part
+POINTS: list[int] = []  # --points: run just the MQAR points of these lengths
 
 
 def run_recipe(out: Path, name: str, overrides: list[str]) -> dict:
-    cfg = load_config("tiny", overrides + IMPL + [f"name={name}"])
+    cfg = load_config("tiny", overrides + IMPL + EXTRA + [f"name={name}"])
     run = out / "runs" / name
     t0 = time.time()
     try:
@@ -126,7 +133,7 @@ def run_recipe(out: Path, name: str, overrides: list[str]) -> dict:
         diverged = str(e)
     res = summarize(run, time.time() - t0)
     res["diverged"] = diverged
-    res["overrides"] = overrides
+    res["overrides"] = overrides + EXTRA
     print(json.dumps({name: res["final_val"], "wall_s": res["wall_s"]}), flush=True)
     return res
 
@@ -135,6 +142,8 @@ def part_lm(out: Path, scale: str) -> dict:
     steps = STEPS if scale == "full" else 8
     res = {}
     for name, rec in LM_RECIPES.items():
+        if ONLY and name not in ONLY:
+            continue
         over = LM_BASE + rec
         if scale != "full":
             over = smoke(over) + [stage_list(steps, 8)]
@@ -147,8 +156,12 @@ def part_mqar(out: Path, scale: str) -> dict:
     from atlas.tasks.mqar import MQAR, mqar_accuracy
     res = {}
     for T, kv, window, examples, epochs in MQAR_POINTS[: 1 if scale != "full" else None]:
+        if POINTS and T not in POINTS:
+            continue
         steps = examples * epochs // 64 if scale == "full" else 6
         for name, extra in (("atlas", []), ("swa_only", ["model.memory.enabled=false"])):
+            if ONLY and name not in ONLY:
+                continue
             over = MQAR_BASE + extra + [f"train.seq_len={T}", f"data.mqar_kv_pairs={kv}",
                                         f"data.mqar_examples={examples}", f"model.attn_window={window}",
                                         f"train.warmup_steps={max(steps // 10, 1)}", stage_list(steps, 64)]
@@ -168,11 +181,13 @@ def part_mqar(out: Path, scale: str) -> dict:
 
 
 def part_passkey(out: Path, scale: str) -> dict:
-    from atlas.tasks.passkey import passkey_accuracy
+    from atlas.tasks.passkey import passkey_eval
     steps = PK_STEPS if scale == "full" else 6
     res = {}
     for name, extra in (("swa_only", ["model.memory.enabled=false"]),  # the quick baseline first
                         ("atlas", ["train.phases=[{steps: %d, mode: episodic}]" % (steps // 2)])):
+        if ONLY and name not in ONLY:
+            continue
         over = PK_BASE + extra + [f"train.warmup_steps={max(steps // 10, 1)}", stage_list(steps, 64)]
         if scale != "full":
             over = smoke(over) + ["train.seq_len=128"]
@@ -182,7 +197,10 @@ def part_passkey(out: Path, scale: str) -> dict:
         tok = Tokenizer.load(out / "runs" / f"passkey_{name}" / "tokenizer.json")
         L = cfg.train.seq_len
         n = 100 if scale == "full" else 2
-        r["accuracy"] = {str(length): passkey_accuracy(model, tok, length, n=n) for length in (L, 2 * L, 4 * L)}
+        evals = {str(length): passkey_eval(model, tok, length, n=n) for length in (L, 2 * L, 4 * L, 8 * L)}
+        r["accuracy"] = {k: e["accuracy"] for k, e in evals.items()}  # whole keys, greedy
+        r["digit_accuracy"] = {k: e["digit_accuracy"] for k, e in evals.items()}  # digits in place
+        r["teacher_forced_accuracy"] = {k: e["teacher_forced_accuracy"] for k, e in evals.items()}
         r["train_len"] = L
         res[name] = r
         save_part(out, "passkey", scale, res)
@@ -196,7 +214,14 @@ def main():
     p.add_argument("--scale", choices=["full", "smoke"], default="full")
     p.add_argument("--impl", choices=["auto", "chunked", "triton"], default="auto",
                    help="memory_scan implementation; auto: triton on a GPU when importable (parts/ used chunked)")
+    p.add_argument("--only", default="", help="comma-separated recipe names to run (default: all of the part)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override applied after every recipe's own (repeatable)")
+    p.add_argument("--points", default="", help="comma-separated MQAR lengths T to run (default: every point)")
     a = p.parse_args()
+    POINTS.extend(int(x) for x in a.points.split(",") if x)
+    EXTRA.extend(a.set)
+    ONLY.extend(x for x in a.only.split(",") if x)
     impl = a.impl
     if impl == "auto":
         try:
