@@ -62,6 +62,8 @@ def build(parts: dict) -> dict:
                           **{k: (res[k]["accuracy"][str(4 * L)] if k in res else None) for k in ("atlas", "swa_only")},
                           "by_length": {k: v["accuracy"] for k, v in res.items()},
                           "digit_accuracy_by_length": {k: v.get("digit_accuracy") for k, v in res.items()},
+                          # the same keys by argmax with the answer fed in: equal to greedy when decoding is exact
+                          "teacher_forced_by_length": {k: v.get("teacher_forced_accuracy") for k, v in res.items()},
                           "budget": {k: {"steps": v["final_val"]["step"], "wall_s": v["wall_s"]} for k, v in res.items()},
                           # teacher-forced accuracy on the answer tokens of validation haystacks (train length)
                           "answer_token_acc": {k: v["final_val"].get("retrieval_acc") for k, v in res.items()},

@@ -76,7 +76,7 @@ PK_BASE = ["model.vocab_size=4096", "model.d_model=128", "model.n_layers=2", "mo
            "train.batch_size=32", "train.lr=3e-3", "train.log_every=50", "train.stats_every=50",
            "train.val_every=500", "train.val_batches=4", "train.checkpoint_every=100000",
            "train.sample_every=100000", "model.attn_window=32"]
-PK_STEPS = int(os.environ.get("ATLAS_PK_STEPS", 2000))
+PK_STEPS = int(os.environ.get("ATLAS_PK_STEPS", 3000))
 
 
 def smoke(overrides: list[str]) -> list[str]:
