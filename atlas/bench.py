@@ -75,18 +75,24 @@ def compiled(layer, mode=None):
 GRAPHS = "reduce-overhead"
 
 
+def scan_inputs(B, T, H, D, device, seed=0):
+    """Random memory_scan inputs as a layer makes them: unit-norm bf16 q, k; bf16 v; float32 gates
+    alpha (forget) < 0.1, eta (momentum) > 0.5, theta < 0.1, gamma in (0, 1)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rnd(lo=0.0, hi=1.0):
+        return lo + (hi - lo) * torch.rand(B, T, H, device=device, generator=g)
+    q, k = (F.normalize(torch.randn(B, T, H, D, device=device, generator=g), dim=-1).bfloat16() for _ in range(2))
+    v = torch.randn(B, T, H, D, device=device, generator=g).bfloat16()
+    return q, k, v, rnd(hi=0.1), rnd(lo=0.5), rnd(hi=0.1), rnd()
+
+
 def kernel_error(B, T, H, D, chunk, device) -> dict:
     """||triton - chunked|| / ||chunked|| on random bf16 q, k, v (chunked computes in float32 from
     the same bf16 values), for y, the final M and S, and the gradients of q, k, v and theta."""
     from .memory import memory_scan
-    g = torch.Generator(device=device).manual_seed(0)
-
-    def rnd(*shape, lo=0.0, hi=1.0):
-        return lo + (hi - lo) * torch.rand(*shape, device=device, generator=g)
-    q, k = (F.normalize(torch.randn(B, T, H, D, device=device, generator=g), dim=-1).bfloat16() for _ in range(2))
-    v = torch.randn(B, T, H, D, device=device, generator=g).bfloat16()
-    gates = (rnd(B, T, H, hi=0.1), rnd(B, T, H, lo=0.5), rnd(B, T, H, hi=0.1), rnd(B, T, H))  # alpha eta theta gamma
-    dy = torch.randn(B, T, H, D, device=device, generator=g)
+    q, k, v, *gates = scan_inputs(B, T, H, D, device)
+    dy = torch.randn(B, T, H, D, device=device, generator=torch.Generator(device=device).manual_seed(1))
     outs = {}
     for impl in ("triton", "chunked"):
         xs = [t.clone().float().requires_grad_(True) if impl == "chunked" else t.clone().requires_grad_(True)
@@ -97,6 +103,30 @@ def kernel_error(B, T, H, D, chunk, device) -> dict:
         outs[impl] = {"y": y, "M": st.M, "S": st.S, "dq": xs[0].grad, "dk": xs[1].grad, "dv": xs[2].grad, "dtheta": th.grad}
     return {n: ((outs["triton"][n].float() - r.float()).norm() / r.float().norm()).item()
             for n, r in outs["chunked"].items()}
+
+
+def bench_scan(B, T, H, D, chunk, device) -> dict:
+    """memory_scan alone, the Triton op with its gate algebra: like for like with SDPA, which also
+    maps q, k, v to y without the layer's projections. Eager, compiled, and with CUDA graphs."""
+    from .memory import memory_scan
+    ins = [t.requires_grad_(True) for t in scan_inputs(B, T, H, D, device, seed=2)]
+
+    def scan(q, k, v, alpha, eta, theta, gamma):
+        return memory_scan(q, k, v, alpha, eta, theta, gamma, chunk_size=chunk, impl="triton")[0]
+    out = {}
+    for mode, fn in (("eager", scan), ("compiled", torch.compile(scan, dynamic=False)),
+                     ("graphs", torch.compile(scan, dynamic=False, mode=GRAPHS))):
+        try:
+            out[f"atlas_scan_{mode}_ms"] = timed(fwd_bwd(fn, ins))
+        except Exception as e:  # noqa: BLE001 - keep the other modes' numbers, say why
+            out[f"atlas_scan_{mode}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    timed_modes = [k for k in out if k.endswith("_ms")]
+    if not timed_modes:
+        return out
+    best = min(timed_modes, key=out.get)
+    out["atlas_scan_mode"] = best[len("atlas_scan_"):-3]
+    out["atlas_scan_ms"], out["atlas_scan_tok_s"] = out[best], B * T / out[best] * 1e3
+    return out
 
 
 def bench_triton_modes(x, d, H, chunk, dtype, device) -> dict:
@@ -128,6 +158,7 @@ def bench_layer(B, T, H, D, chunk, dtype, device, impls) -> dict:
     out["atlas_chunked_ms"], out["atlas_chunked_tok_s"] = ms, B * T / ms * 1e3
     if "triton" in impls:
         out.update(bench_triton_modes(x, d, H, chunk, dtype, device))
+        out.update(bench_scan(B, T, H, D, chunk, device))
     q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     ms = timed(fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), (q, k, v)))
     out["sdpa_ms"], out["sdpa_tok_s"] = ms, B * T / ms * 1e3
@@ -293,7 +324,14 @@ def table(r: dict) -> str:
     if L:
         lines += [f"memory layer B={L['B']} T={L['T']} H={L['H']} D={L['D']} chunk {L['chunk_size']}, forward+backward:",
                   "| what | ms | tokens/s |", "|---|---:|---:|"]
-        lines += [f"| {k[:-3]} | {L[k]:.2f} | {L[k[:-3] + '_tok_s']:,.0f} |" for k in L if k.endswith("_ms")]
+        lines += [f"| {k[:-3]} | {L[k]:.2f} | {L[k[:-3] + '_tok_s']:,.0f} |" for k in L
+                  if k.endswith("_ms") and k[:-3] + "_tok_s" in L]
+        if L.get("atlas_triton_tok_s") and L.get("titans_pytorch_tok_s"):
+            lines.append(f"layer vs titans-pytorch NeuralMemory (both with projections): "
+                         f"{L['atlas_triton_tok_s'] / L['titans_pytorch_tok_s']:.1f}x")
+        if L.get("atlas_triton_tok_s"):
+            lines.append(f"vs SDPA (q, k, v -> y): layer {L['atlas_triton_tok_s'] / L['sdpa_tok_s']:.2f}x, "
+                         f"memory_scan alone {L.get('atlas_scan_tok_s', 0) / L['sdpa_tok_s']:.2f}x")
     m = r.get("model")
     if m:
         lines.append(f"300M train step (B={m['B']}, T={m['T']}): Atlas {m['atlas_300m_tok_s']:,.0f} tok/s, "

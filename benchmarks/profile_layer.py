@@ -8,6 +8,7 @@ D=128, chunk 64, bf16, forward + backward) run four ways, and its kernels from t
                    i.e. with no host-side launch cost
   compiled         torch.compile(layer)
   compiled_graphs  torch.compile(layer, mode="reduce-overhead") (compile + CUDA graphs)
+  scan             torch.compile(memory_scan) alone on atlas bench's random inputs (no projections)
 
 The profiler part sums device time per kernel over the eager runs: if it is far below the eager
 wall time, the host (launches, dispatch) is the cost, not the kernels.
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from atlas.bench import fwd_bwd, memory_layer, timed
+from atlas.bench import fwd_bwd, memory_layer, scan_inputs, timed
+from atlas.memory import memory_scan
 
 
 def kernel_table(step, iters: int = 5) -> tuple[float, list[dict], list[dict]]:
@@ -47,7 +49,8 @@ def kernel_table(step, iters: int = 5) -> tuple[float, list[dict], list[dict]]:
                    "calls": e.count // iters} for e in avg if e.self_device_time_total > 0), key=lambda r: -r["ms"])
     host = sorted(({"op": e.key, "host_ms": e.self_cpu_time_total / 1e3 / iters, "calls": e.count // iters}
                    for e in prof.key_averages()), key=lambda r: -r["host_ms"])
-    return sum(r["ms"] for r in rows), rows[:25], ops[:30], host[:25]
+    # "## Call CompiledFxGraph ..." rows span the kernels they launch: not counted twice
+    return sum(r["ms"] for r in rows if not r["kernel"].startswith("## ")), rows[:40], ops[:30], host[:25]
 
 
 def main() -> None:
@@ -58,6 +61,7 @@ def main() -> None:
     ap.add_argument("--ways", default="eager,graphed,compiled,compiled_graphs")
     a = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
+    torch.backends.cuda.matmul.allow_tf32 = True  # as atlas bench and training run
     B, T, H, D = a.B, a.T, 8, 128
     res = {"device": torch.cuda.get_device_name(), "command": " ".join(["python3"] + sys.argv),
            "B": B, "T": T, "H": H, "D": D, "ms": {}}
@@ -71,11 +75,18 @@ def main() -> None:
     x = torch.randn(B, T, H * D, device=dev, dtype=dt, requires_grad=True)
     layer = memory_layer(H * D, H, "triton", 64, dt, dev)
     ways = a.ways.split(",")
-    for name in ("eager", "compiled"):
+    scan_in = [t.requires_grad_(True) for t in scan_inputs(B, T, H, D, dev, seed=2)]
+
+    def scan(*ins):
+        return memory_scan(*ins, chunk_size=64, impl="triton")[0]
+    for name in ("eager", "compiled", "scan"):
         if name not in ways:
             continue
-        fn = layer if name == "eager" else torch.compile(memory_layer(H * D, H, "triton", 64, dt, dev), dynamic=False)
-        step = fwd_bwd(fn, (x,), fn.parameters())
+        if name == "scan":
+            step = fwd_bwd(torch.compile(scan, dynamic=False), scan_in)
+        else:
+            fn = layer if name == "eager" else torch.compile(memory_layer(H * D, H, "triton", 64, dt, dev), dynamic=False)
+            step = fwd_bwd(fn, (x,), fn.parameters())
         res["ms"][name] = timed(step, warmup=5, reps=20)
         res[f"{name}_kernels_ms"], res[f"{name}_kernels"], res[f"{name}_ops"], res[f"{name}_host"] = kernel_table(step)
         save()
