@@ -35,9 +35,12 @@ STEPS = int(os.environ.get("ATLAS_EXP_STEPS", 1000))
 LM_RECIPES = {
     # the seed: full causal attention over the training length, scalar gate at 0.5, no floor,
     # unnormalised branches, ||M|| clamped (50 for a 1024x1024 memory: the same RMS per entry is
-    # 50 * 128/1024 for our 128x128 heads), chunk = half the sequence, then 1/16 (its 2048 -> 256 of 4096)
+    # 50 * 128/1024 for our 128x128 heads), chunk = half the sequence, then 1/16 (its 2048 -> 256 of 4096),
+    # and a memory learning rate in the seed's regime: its M sat at the clamp from step 639 on while
+    # S_norm was ~3,000 (60x the clamp), i.e. each chunk's update dwarfed the ceiling (max_lr 1.0,
+    # theta 0.5, as MQAR's; Atlas's defaults 0.1 / 0.005 never reach the clamp here)
     "seed": ["model.attn_window=null", "model.gate.init=0.5", "model.gate.floor=0.0", "model.gate.branch_norm=none",
-             "model.memory.max_norm=6.25", f"train.stages=[{{steps: {STEPS * 9 // 10}, chunk_size: 256}}, "
+             "model.memory.max_norm=6.25", "model.memory.max_lr=1.0", "model.memory.theta_init=0.5", f"train.stages=[{{steps: {STEPS * 9 // 10}, chunk_size: 256}}, "
              f"{{steps: {STEPS // 10}, chunk_size: 32}}]"],
     # Atlas: a randomized sliding window shorter than the sequence (the memory is needed), both
     # branches normalised, a gate floor and a small utilisation loss, no norm ceiling, small chunks
@@ -106,7 +109,8 @@ def summarize(run: Path, wall_s: float) -> dict:
     stats = [r for r in steps if "gate" in r]
     return {"wall_s": wall_s, "loss": [[r["step"], r["loss"]] for r in steps],
             "gates": [[r["step"], r["gate"]] for r in stats],
-            "M_norm": [[r["step"], r["M_norm"]] for r in stats], "final_val": val[-1] if val else None,
+            "M_norm": [[r["step"], r["M_norm"]] for r in stats],
+            "S_norm": [[r["step"], r["S_norm"]] for r in stats if "S_norm" in r], "final_val": val[-1] if val else None,
             "tokens_per_s": steps[-1]["tokens_per_s"] if steps else None}
 
 
