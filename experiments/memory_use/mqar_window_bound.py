@@ -9,7 +9,7 @@ import numpy as np
 from atlas.tasks.mqar import generate
 
 LAYERS = 2
-for T, kv, window in ((256, 16, 32), (512, 64, 64)):
+for T, kv, window in ((256, 16, 32), (512, 64, 64), (512, 32, 32)):
     x, qpos, _ = generate(np.random.default_rng(0), 20000, T, kv, 8192)
     key_pos = 2 * np.arange(kv)  # (κ,) the i-th drawn gap goes to the i-th key; its value follows it
     dist = qpos - key_pos  # (n, κ)
