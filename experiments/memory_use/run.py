@@ -67,7 +67,7 @@ MQAR_POINTS = [  # (T, kv pairs, attention window, training examples, epochs)
     (512, 64, 64, 40_000, 6),
     # Zoology's power-law gaps put 58% of T=256/16-pair queries within two 32-token windows'
     # reach; at T=512 with 32 pairs 29% (mqar_window_bound.py): a point attention cannot cheat on
-    (512, 32, 32, 40_000, 6),
+    (512, 32, 32, 40_000, 14),
 ]
 # memory lr 0.1 (DESIGN.md §6 used 1.0, and so did the first T=256 runs, solved at 0.9996): at
 # T=512 with 32 pairs 1.0 stayed on the plateau for 7,650 steps while 0.1 solved it by step 2,500
