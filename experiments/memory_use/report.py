@@ -55,9 +55,15 @@ def build(parts: dict) -> dict:
                 if r:
                     row[name] = r["accuracy"]
                     row[f"{name}_budget"] = r["budget"]
+                    lrs = [o.split("=", 1)[1] for o in r["overrides"] if o.startswith("model.memory.max_lr=")]
+                    if name == "atlas" and lrs:
+                        row["atlas_memory_max_lr"] = float(lrs[-1])
             rows.append(row)
         # the headline: the point whose pairs attention cannot reach (mqar_window_bound.py)
-        out["mqar"] = next((r for r in rows if (r["T"], r["kv_pairs"], r["attn_window"]) == MQAR_HEADLINE), rows[0])
+        # (when both models have a final evaluation there; else the first point that has them)
+        complete = [r for r in rows if "atlas" in r and "swa_only" in r] or rows
+        out["mqar"] = next((r for r in complete if (r["T"], r["kv_pairs"], r["attn_window"]) == MQAR_HEADLINE),
+                           complete[0])
         out["mqar_harder"] = [r for r in rows if r["kv_pairs"] == 64]
         out["mqar_points"] = rows
     if "passkey" in parts:
