@@ -68,6 +68,19 @@ def test_state_carry_and_decoding(overrides):
     torch.testing.assert_close(out, full[:, 21:23], rtol=1e-10, atol=1e-10)
 
 
+def test_decoding_step_leaves_its_input_state_alone():
+    """A state can be stepped from twice (beam search, the decode bench): the step appends to a new
+    list of open-chunk pieces, and both calls give the same token."""
+    m = make("model.memory.rule=muon", "model.memory.max_norm=0.02")
+    idx = torch.randint(0, 97, (2, 11))
+    _, state = m(idx[:, :10])  # chunk 4: two tokens open
+    a, s1 = m(idx[:, 10:11], state)
+    b, s2 = m(idx[:, 10:11], state)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    mem = state[0].memory
+    assert mem.open_len == 2 and len(mem.pending) == 1 and s1[0].memory.open_len == 3
+
+
 def test_backward_and_bf16_forward():
     m = make(dtype=torch.float32)
     idx = torch.randint(0, 97, (2, 19))

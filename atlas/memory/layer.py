@@ -30,8 +30,11 @@ class MemoryLayerState:
     memory: MemoryState  # after every token so far, M clamped (what the per-layer stats read)
     conv: torch.Tensor | None  # (B, conv_size-1, C): the conv's input halo
     chunk_start: MemoryState | None = None  # at the open chunk's first token (None: zeros)
-    pending: tuple | None = None  # the open chunk's scan inputs q, k, v, alpha, eta, theta, gamma (B, n, ...)
+    # the open chunk's scan inputs (q, k, v, alpha, eta, theta, gamma), each (B, n_i, ...), in the
+    # pieces they came in: a decoding step appends its token instead of copying the chunk so far
+    pending: list | None = None
     running: Running | None = None  # the open chunk's unclamped M and seen momentum (for the step)
+    open_len: int = 0  # tokens in the open chunk
 
 
 def _logit(p: float) -> float:
@@ -114,7 +117,7 @@ class MemoryLayer(nn.Module):
         start = None if state is None else state.memory
         if state is not None and state.pending is not None:
             start = state.chunk_start
-            ins = tuple(torch.cat([p.to(x.dtype), x], dim=1) for p, x in zip(state.pending, ins))
+            ins = tuple(torch.cat([p.to(x.dtype) for p in ps] + [x], dim=1) for ps, x in zip(zip(*state.pending), ins))
         n = ins[0].shape[1]
         cut = n // C * C  # the closed chunks; the rest stays open
 
@@ -138,8 +141,8 @@ class MemoryLayer(nn.Module):
             running = Running(after.M, S_seen)
             after = replace(after, M=clamp_norm(after.M, c.max_norm))
         y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
-        pending = tuple(x[:, cut:] for x in ins) if n > cut else None
-        return y[:, n - T:], MemoryLayerState(after, None, closed, pending, running if pending else None)
+        pending = [tuple(x[:, cut:] for x in ins)] if n > cut else None
+        return y[:, n - T:], MemoryLayerState(after, None, closed, pending, running if pending else None, n - cut)
 
     @property
     def _huber(self):
@@ -153,7 +156,7 @@ class MemoryLayer(nn.Module):
             ref, n_open = state.memory, 0
             run = Running(ref.M, newton_schulz5(ref.S) if c.rule == "muon" else ref.S)
         else:
-            ref, n_open, run = state.chunk_start, state.pending[0].shape[1], state.running
+            ref, n_open, run = state.chunk_start, state.open_len, state.running
             if ref is None:  # the open chunk is the sequence's first
                 B, _, H, Dk = q.shape
                 ref = MemoryState.zeros(B, H, Dk, self.Dv, c.context_window, state.memory.M.dtype, q.device)
@@ -164,7 +167,6 @@ class MemoryLayer(nn.Module):
         y = y[:, None].to(q.dtype)  # (B, 1, H, Dv)
         if n_open + 1 == C:  # the chunk closes: the next token starts from here
             return y, MemoryLayerState(after, None, after, None, None)
-        pending = ins if state.pending is None else tuple(
-            torch.cat([p, x.to(p.dtype)], dim=1) for p, x in zip(state.pending, ins))
+        pending = [ins] if state.pending is None else state.pending + [ins]  # a new list: `state` stays valid
         return y, MemoryLayerState(after, None, state.chunk_start if state.pending is not None else state.memory,
-                                   pending, run)
+                                   pending, run, n_open + 1)
