@@ -99,6 +99,17 @@ def test_gate_alert_and_phases(tmp_path):
     alerts = [e for e in rows(run, "events") if e["event"] == "alert"]
     assert alerts and alerts[0]["kind"] == "gate_low" and alerts[0]["layers"] == [0, 1]
     assert "ALERT" in (run / "training.log").read_text()
+    assert not [e for e in alerts if e["kind"] == "memory_norm_high"]  # tiny memories stay far below 1000
+
+
+def test_memory_norm_alert(tmp_path):
+    run = tmp_path / "run"
+    # any written memory has a norm above 1e-9: the alert names every layer, with its norms
+    assert main(["train", "tiny", "--run-dir", str(run), "train.max_steps=2", "train.m_norm_alert=1e-9", *SMALL]) == 0
+    alerts = [e for e in rows(run, "events") if e["event"] == "alert" and e["kind"] == "memory_norm_high"]
+    assert alerts and alerts[0]["layers"] == [0, 1] and all(m > 1e-9 for m in alerts[0]["M_norm"])
+    assert "M_norm above 1e-09" in (run / "training.log").read_text()
+    assert main(["train", "tiny", "--run-dir", str(tmp_path / "r2"), "train.m_norm_alert=0", *SMALL]) == 2
 
 
 def test_divergence_stops_without_a_broken_checkpoint(tmp_path, capsys):

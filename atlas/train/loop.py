@@ -125,12 +125,7 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
                 row["mfu"] = tok_s / world * flops_per_token(cfg.model, t.seq_len, stage.chunk_size) / peak
             if step % t.stats_every == 0 or step == last_step:
                 row.update(memory_stats(model, state))
-                low = [i for i, g in enumerate(row.get("gate", [])) if g < t.gate_alert]
-                if low:  # the seed's early warning: memory is being bypassed
-                    mean_gate = sum(row["gate"]) / len(row["gate"])
-                    log.record("events", {"step": step, "event": "alert", "kind": "gate_low", "layers": low,
-                                          "gate": row["gate"], "threshold": t.gate_alert})
-                    log.line(f"ALERT step {step}: gate below {t.gate_alert} in layers {low} (mean {mean_gate:.3f})")
+                memory_alerts(log, step, row, t)
             log.record("train_steps", row)
             msg = f"step {step}/{last_step} loss {mean_loss:.4f} lr {lr:.2e} gnorm {row['grad_norm']:.2f} {tok_s:,.0f} tok/s"
             if bar is not None:
@@ -182,6 +177,24 @@ def gate_modes(mode: str, x: torch.Tensor, batches) -> torch.Tensor | None:
 
 
 @torch.no_grad()
+def memory_alerts(log, step: int, row: dict, t) -> None:
+    """Alert events for the two ways a memory goes unused: the gate closing on it (the seed's
+    collapse) and M overshooting (its norm growing by orders of magnitude along a sequence while
+    the output norm hides it from the loss; experiments/memory_use/README.md, "Passkey")."""
+    low = [i for i, g in enumerate(row.get("gate", [])) if g < t.gate_alert]
+    if low:
+        mean_gate = sum(row["gate"]) / len(row["gate"])
+        log.record("events", {"step": step, "event": "alert", "kind": "gate_low", "layers": low,
+                              "gate": row["gate"], "threshold": t.gate_alert})
+        log.line(f"ALERT step {step}: gate below {t.gate_alert} in layers {low} (mean {mean_gate:.3f})")
+    big = [i for i, m in enumerate(row.get("M_norm", [])) if t.m_norm_alert is not None and not m <= t.m_norm_alert]
+    if big:
+        log.record("events", {"step": step, "event": "alert", "kind": "memory_norm_high", "layers": big,
+                              "M_norm": row["M_norm"], "threshold": t.m_norm_alert})
+        log.line(f"ALERT step {step}: M_norm above {t.m_norm_alert:g} in layers {big} (the memory overshoots; "
+                 f"lower model.memory.max_lr or theta_init)")
+
+
 def _val_pass(model, data, n_batches: int, autocast) -> tuple[float, float | None]:
     """Mean loss over fixed validation batches, and accuracy on scored (label != -100) positions
     when the task scores only some (retrieval tasks)."""
