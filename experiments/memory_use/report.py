@@ -8,8 +8,9 @@ import argparse
 import json
 from pathlib import Path
 
-COMMAND = ("python experiments/memory_use/run.py --part {lm,mqar,passkey} --out DIR  (on the GPU machine); "
-           "python experiments/memory_use/report.py DIR")
+COMMAND = ("python experiments/memory_use/run.py --part {lm,mqar,passkey} [--only RECIPE] [--points T:kv] "
+           "--out DIR  (on the GPU machine); python experiments/memory_use/report.py DIR [DIR ...]  "
+           "(the parts and the exact commands: experiments/memory_use/README.md)")
 
 
 MQAR_HEADLINE = (512, 32, 32)  # T, kv pairs, attention window
