@@ -249,3 +249,13 @@ def test_eval_cli_on_a_tiny_run(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "atlas eval" in err
+
+    greedy = ["sample", str(run), "--prompt", "ROMEO:", "--tokens", "6", "--temperature", "0"]
+    assert main(greedy) == 0
+    first = capsys.readouterr()
+    assert first.out.startswith("ROMEO:") and "ms a token" in first.err
+    assert main(greedy) == 0 and capsys.readouterr().out == first.out  # greedy: the same text again
+    for argv in (greedy[:2] + ["--tokens", "0"], ["sample", str(tmp_path / "nope")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "atlas sample" in err

@@ -1,7 +1,8 @@
-"""`atlas eval mqar|passkey RUN_OR_CHECKPOINT`: retrieval accuracy of a trained checkpoint.
+"""`atlas eval mqar|passkey RUN_OR_CHECKPOINT`: retrieval accuracy of a trained checkpoint, and
+`atlas sample RUN_OR_CHECKPOINT`: text from it.
 
-Prints one JSON line on stdout (for scripts: `atlas eval mqar runs/x | jq .accuracy`) and one
-human line on stderr.
+eval prints one JSON line on stdout (for scripts: `atlas eval mqar runs/x | jq .accuracy`) and one
+human line on stderr; sample prints the text on stdout and its speed on stderr.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from ..errors import UserError
 ZOOLOGY_KV = {64: 4, 128: 8, 256: 16, 512: 64}
 
 
-def load_for_eval(path_arg: str, device_arg: str = "auto"):
+def load_for_eval(path_arg: str, device_arg: str = "auto", who: str = "atlas eval"):
     """RUN_DIR (its newest complete checkpoint) or a checkpoint directory -> (model, cfg, ckpt, step).
 
     The model is in eval mode, on `device_arg`, with the memory chunk size of the stage that the
@@ -27,10 +28,10 @@ def load_for_eval(path_arg: str, device_arg: str = "auto"):
     from ..model import AtlasLM
     from ..train.checkpoint import latest_checkpoint
 
-    ckpt = latest_checkpoint(Path(path_arg), who="atlas eval", hint="train first or pass another run")
+    ckpt = latest_checkpoint(Path(path_arg), who=who, hint="train first or pass another run")
     cfg_file = ckpt / "config.yaml"
     if not cfg_file.is_file():
-        raise UserError(f"atlas eval: {cfg_file} is missing; the checkpoint is damaged, pass another one")
+        raise UserError(f"{who}: {cfg_file} is missing; the checkpoint is damaged, pass another one")
     cfg = config_from_dict(read_yaml(cfg_file), str(cfg_file))
     step = _step_of(ckpt)
     if device_arg == "auto":
@@ -39,12 +40,12 @@ def load_for_eval(path_arg: str, device_arg: str = "auto"):
         try:
             device = torch.device(device_arg)
         except RuntimeError:
-            raise UserError(f"atlas eval: --device {device_arg!r} is not a torch device; use cpu, cuda or cuda:N")
+            raise UserError(f"{who}: --device {device_arg!r} is not a torch device; use cpu, cuda or cuda:N")
     model = AtlasLM(cfg.model).to(device)
     try:
         load_model(model, str(ckpt / "model.safetensors"), device=str(device))
     except (RuntimeError, OSError, FileNotFoundError) as e:
-        raise UserError(f"atlas eval: cannot load {ckpt / 'model.safetensors'} into the model of {cfg_file} "
+        raise UserError(f"{who}: cannot load {ckpt / 'model.safetensors'} into the model of {cfg_file} "
                         f"({str(e).splitlines()[0][:160]}); pass an intact checkpoint")
     _, stage = stage_at(cfg, max(step - 1, 0))  # step counts finished steps; the last one was step - 1
     model.set_chunk_size(stage.chunk_size)
@@ -105,7 +106,46 @@ def cmd_eval_passkey(args) -> None:
             f"({length / cfg.train.seq_len:.1f}x the training length); {ckpt.name} of {ckpt.parent.parent}")
 
 
+def cmd_sample(args) -> None:
+    """Generate from a checkpoint: the prompt is read once, then one O(1) step a token."""
+    import time
+
+    import torch
+
+    from ..data import Tokenizer
+    from ..model.generate import generate
+
+    if args.tokens < 1 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
+        raise UserError(f"atlas sample: --tokens {args.tokens}, --temperature {args.temperature}, --top-k "
+                        f"{args.top_k}; use tokens >= 1, temperature >= 0 (0: greedy), top-k >= 1")
+    model, cfg, ckpt, step = load_for_eval(args.run, args.device, who="atlas sample")
+    tok = Tokenizer.load(ckpt)  # the tokenizer the run trained with
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise UserError("atlas sample: the prompt encodes to no tokens; pass some text with --prompt")
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):  # as trained
+        out = generate(model, ids, args.tokens, temperature=args.temperature, top_k=args.top_k,
+                       generator=torch.Generator().manual_seed(args.seed))
+    dt = time.perf_counter() - t0
+    print(tok.decode(ids + out))
+    print(f"{len(out)} tokens after a {len(ids)}-token prompt in {dt:.2f} s ({1e3 * dt / len(out):.1f} ms a token, "
+          f"prompt included); step {step}, {ckpt.name} of {ckpt.parent.parent}", file=sys.stderr)
+
+
 def add_eval_commands(sub) -> None:
+    sm = sub.add_parser("sample", help="generate text from a checkpoint (memory and attention state carried)")
+    sm.add_argument("run", metavar="RUN_OR_CHECKPOINT",
+                    help="a run directory (its newest complete checkpoint) or a checkpoint directory")
+    sm.add_argument("--prompt", default="ROMEO:", help="text to continue (default ROMEO:)")
+    sm.add_argument("--tokens", type=int, default=100, help="tokens to generate (default 100)")
+    sm.add_argument("--temperature", type=float, default=0.8, help="0 for greedy (default 0.8)")
+    sm.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest (default 50)")
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    sm.set_defaults(fn=cmd_sample)
+
     ev = sub.add_parser("eval", help="retrieval evaluations of a checkpoint (mqar, passkey)")
     tasks = ev.add_subparsers(dest="eval_cmd", required=True)
     common = dict(help="a run directory (its newest complete checkpoint) or a checkpoint directory")
