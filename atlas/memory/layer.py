@@ -29,7 +29,7 @@ class MemoryLayerState:
     """
     memory: MemoryState  # after every token so far, M clamped (what the per-layer stats read)
     conv: torch.Tensor | None  # (B, conv_size-1, C): the conv's input halo
-    chunk_start: MemoryState | None = None  # at the open chunk's first token (None: zeros)
+    chunk_start: MemoryState | None = None  # at the open chunk's first token
     # the open chunk's scan inputs (q, k, v, alpha, eta, theta, gamma), each (B, n_i, ...), in the
     # pieces they came in: a decoding step appends its token instead of copying the chunk so far
     pending: list | None = None
@@ -142,6 +142,9 @@ class MemoryLayer(nn.Module):
             after = replace(after, M=clamp_norm(after.M, c.max_norm))
         y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
         pending = [tuple(x[:, cut:] for x in ins)] if n > cut else None
+        if pending and closed is None:  # the sequence's first chunk is open: it started from zeros
+            B, _, H, Dk = ins[0].shape
+            closed = MemoryState.zeros(B, H, Dk, self.Dv, c.context_window, after.M.dtype, after.M.device)
         return y[:, n - T:], MemoryLayerState(after, None, closed, pending, running if pending else None, n - cut)
 
     @property
@@ -157,9 +160,6 @@ class MemoryLayer(nn.Module):
             run = Running(ref.M, newton_schulz5(ref.S) if c.rule == "muon" else ref.S)
         else:
             ref, n_open, run = state.chunk_start, state.open_len, state.running
-            if ref is None:  # the open chunk is the sequence's first
-                B, _, H, Dk = q.shape
-                ref = MemoryState.zeros(B, H, Dk, self.Dv, c.context_window, state.memory.M.dtype, q.device)
         poly = None if self.poly is None else self.poly.to(ref.M.dtype)
         y, after, run = memory_step(*(x[:, 0] for x in ins), ref=ref, now=state.memory, run=run,
                                     window=c.context_window, poly=poly, huber_delta=self._huber)

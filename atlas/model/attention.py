@@ -52,6 +52,8 @@ class Attention(nn.Module):
         L = k.shape[2]
         if cache is None and (window is None or window >= T):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        elif T == 1 and (window is None or L <= window):  # decoding: every cached key is visible
+            y = F.scaled_dot_product_attention(q, k, v)
         else:
             i = torch.arange(L - T, L, device=x.device)[:, None]  # query positions within the keys
             j = torch.arange(L, device=x.device)[None, :]
