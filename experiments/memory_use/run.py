@@ -29,6 +29,7 @@ HERE = Path(__file__).parent
 LM_BASE = ["model.vocab_size=4096", "model.d_model=256", "model.n_layers=4", "model.n_heads=4", "model.d_ff=768",
            "model.max_seq_len=2048", "model.memory.heads=2", "model.memory.d_key=256", "model.memory.d_value=256",
            "model.memory.context_window=4", "train.seq_len=512", "train.batch_size=16", "train.lr=2e-3",
+           "model.memory.theta_init=0.005",  # the default these runs had (now 0.001): pinned to reproduce parts/
            "train.warmup_steps=100", "train.log_every=25", "train.stats_every=25", "train.val_every=250",
            "train.val_batches=8", "train.sample_every=100000", "train.checkpoint_every=100000"]
 STEPS = int(os.environ.get("ATLAS_EXP_STEPS", 1000))
