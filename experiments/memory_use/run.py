@@ -39,7 +39,7 @@ LM_RECIPES = {
     # 50 * 128/1024 for our 128x128 heads), chunk = half the sequence, then 1/16 (its 2048 -> 256 of 4096),
     # and a memory learning rate in the seed's regime: its M sat at the clamp from step 639 on while
     # S_norm was ~3,000 (60x the clamp), i.e. each chunk's update dwarfed the ceiling (max_lr 1.0,
-    # theta 0.5, as MQAR's; Atlas's defaults 0.1 / 0.005 never reach the clamp here)
+    # theta 0.5, as MQAR's; the LM base rate 0.1 / 0.005 never reaches the clamp here)
     "seed": ["model.attn_window=null", "model.gate.init=0.5", "model.gate.floor=0.0", "model.gate.branch_norm=none",
              "model.memory.max_norm=6.25", "model.memory.max_lr=1.0", "model.memory.theta_init=0.5", f"train.stages=[{{steps: {STEPS * 9 // 10}, chunk_size: 256}}, "
              f"{{steps: {STEPS // 10}, chunk_size: 32}}]"],
