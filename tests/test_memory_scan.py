@@ -110,6 +110,29 @@ def test_three_way_equality_options(opts):
         assert rel(y, y0) < 1e-8 and rel(st.M, M0) < 1e-8 and rel(st.S, S0) < 1e-8, impl
 
 
+@pytest.mark.parametrize("opts", [{}, {"huber_delta": 0.3}, {"max_norm": 0.4}], ids=["l2", "huber", "max_norm"])
+def test_decoding_step_equals_twin(opts):
+    """memory_step, one token at a time with the chunk bookkeeping a caller does (the start state at
+    each chunk's first token, the clamp at its end), against the autograd twin on odd shapes."""
+    from dataclasses import replace
+
+    from atlas.memory.state import clamp_norm
+    from atlas.memory.step import Running, memory_step
+    B, T, H, Dk, Dv, C, W = 2, 23, 3, 7, 5, 6, 4
+    args = make(B=B, T=T, H=H, Dk=Dk, Dv=Dv, seed=3)
+    y0, M0, S0 = twin(*args, chunk_size=C, window=W, poly=POLY, **opts)
+    now, ys = MemoryState.zeros(B, H, Dk, Dv, W, torch.float64, "cpu"), []
+    for t in range(T):
+        if t % C == 0:
+            ref, run = now, Running(now.M, now.S)
+        y, now, run = memory_step(*(x[:, t] for x in args), ref=ref, now=now, run=run, window=W, poly=POLY,
+                                  huber_delta=opts.get("huber_delta"))
+        if (t + 1) % C == 0 or t == T - 1:
+            now = replace(now, M=clamp_norm(now.M, opts.get("max_norm")))
+        ys.append(y)
+    assert rel(torch.stack(ys, 1), y0) < 1e-8 and rel(now.M, M0) < 1e-8 and rel(now.S, S0) < 1e-8
+
+
 def test_causality():
     args = make(seed=2)
     y, _ = memory_scan(*args, chunk_size=8, window=3, poly=POLY)
