@@ -32,12 +32,18 @@ def _decay_matrix(log_gate: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Te
     return L, cum
 
 
-def log_gates(alpha: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log(1 - alpha), log(eta), each gate clamped just inside its edge (eta = 0, alpha = 1): there
-    it gets no gradient, which through the log would be ~1/eta times a sum that cancels to zero,
-    i.e. rounding noise of order 1e35. Sigmoid gates never sit exactly on the edge."""
+def clamp_gates(alpha: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha and eta clamped just inside their edges (alpha = 1, eta = 0): there they get no
+    gradient, which through log_gates would be ~1/eta times a sum that cancels to zero, i.e.
+    rounding noise of order 1e35. Sigmoid gates never sit exactly on the edge."""
     alpha_max = 1 - torch.finfo(alpha.dtype).eps / 2  # the largest float below 1
-    return torch.log1p(-alpha.clamp(max=alpha_max)), torch.log(eta.clamp(min=_GATE_MIN))
+    return alpha.clamp(max=alpha_max), eta.clamp(min=_GATE_MIN)
+
+
+def log_gates(alpha: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log(1 - alpha), log(eta) of the clamped gates."""
+    alpha, eta = clamp_gates(alpha, eta)
+    return torch.log1p(-alpha), torch.log(eta)
 
 
 def gate_products(log_beta, log_eta, th, g, W: int, dtype):

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import MemoryConfig
-from .chunked import _GATE_MIN
+from .chunked import log_gates
 from .scan import memory_scan
 from .state import MemoryState, clamp_norm, newton_schulz5
 from .step import Running, memory_step
@@ -136,8 +136,9 @@ class MemoryLayer(nn.Module):
             ys.append(y)
             S_seen = after.S
             if c.rule == "muon" and closed is not None:  # M saw momentum NS5(S_ref), decayed by the etas
-                log_eta = torch.log(ins[4][:, cut:].to(after.S.dtype).clamp(min=_GATE_MIN)).sum(1)  # (B, H)
-                S_seen = S_seen + torch.exp(log_eta)[..., None, None] * (newton_schulz5(closed.S) - closed.S)
+                alpha, eta = (x[:, cut:].to(after.S.dtype) for x in ins[3:5])
+                decay = torch.exp(log_gates(alpha, eta)[1].sum(1))[..., None, None]  # (B, H, 1, 1): prod of etas
+                S_seen = S_seen + decay * (newton_schulz5(closed.S) - closed.S)
             running = Running(after.M, S_seen)
             after = replace(after, M=clamp_norm(after.M, c.max_norm))
         y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
@@ -168,5 +169,4 @@ class MemoryLayer(nn.Module):
         if n_open + 1 == C:  # the chunk closes: the next token starts from here
             return y, MemoryLayerState(after, None, after, None, None)
         pending = [ins] if state.pending is None else state.pending + [ins]  # a new list: `state` stays valid
-        return y, MemoryLayerState(after, None, state.chunk_start if state.pending is not None else state.memory,
-                                   pending, run, n_open + 1)
+        return y, MemoryLayerState(after, None, ref, pending, run, n_open + 1)

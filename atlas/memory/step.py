@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .chunked import _GATE_MIN
-from .state import MemoryState, apply_poly, clamp_norm
+from .chunked import clamp_gates
+from .state import MemoryState, apply_poly
 
 
 @dataclass
@@ -47,9 +47,8 @@ def memory_step(q, k, v, alpha, eta, theta, gamma, *, ref: MemoryState, now: Mem
     if huber_delta is not None:
         err = err.clamp(-huber_delta, huber_delta)
     grad = (gs.transpose(1, 2)[..., None] * err).transpose(-1, -2) @ pk  # (B, H, Dv, Dk)
-    # the same gate clamps as chunked's log_gates, so both are one function at the edges too
-    beta = (1 - alpha.clamp(max=1 - torch.finfo(dt).eps / 2))[..., None, None]  # (B, H, 1, 1)
-    eta, theta = eta.clamp(min=_GATE_MIN)[..., None, None], theta[..., None, None]
+    alpha, eta = clamp_gates(alpha, eta)  # as chunked does: one function at the edges too
+    beta, eta, theta = (1 - alpha)[..., None, None], eta[..., None, None], theta[..., None, None]  # (B, H, 1, 1)
     S = eta * now.S - theta * grad
     S_seen = eta * run.S_seen - theta * grad
     M = beta * run.M + S_seen  # (B, H, Dv, Dk), unclamped

@@ -17,7 +17,8 @@ Dk > 128, and windows longer than SUB_CHUNK tokens. A window W > 1 shortens sub-
 SUB_CHUNK + 1 - W tokens or fewer (chunk 64, W = 4: two sub-chunks of 32), so it costs up to 2x.
 
 Speed: benchmarks/README.md (`atlas bench`, `benchmarks/profile_layer.py`). A call shorter than
-DECODE_T tokens runs `chunked` (decoding): a few tokens are a few tiny matmuls.
+DECODE_T tokens runs `chunked`: a few tokens are a few tiny matmuls. (Decoding one token at a time
+does not come here: MemoryLayer takes step.py's O(1) step.)
 """
 import os
 import warnings
@@ -32,7 +33,7 @@ from . import triton_kernels as kern
 from .chunked import gate_products, log_gates, memory_scan_chunked
 from .state import SUB_CHUNK, MemoryState, apply_poly
 
-DECODE_T = 8  # calls shorter than this (token-by-token decoding) run `chunked`: the same function
+DECODE_T = 8  # calls shorter than this run `chunked`: the same function
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,7 @@ def memory_scan_triton(q, k, v, alpha, eta, theta, gamma, *, chunk_size, window,
                         "slow CPU interpreter); use impl='chunked' on CPU")
     B, T, H, Dk = q.shape
     W, dt = window, state.M.dtype
-    if T < DECODE_T:  # decoding: a few tokens are a few tiny matmuls; padded kernel blocks cost more
+    if T < DECODE_T:  # a few tokens are a few tiny matmuls; padded kernel blocks cost more
         return _fallback(None, args, kw)
     if muon or max_norm is not None:
         return _fallback("muon and max_norm are not in the kernels", args, kw)

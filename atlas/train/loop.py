@@ -176,7 +176,6 @@ def gate_modes(mode: str, x: torch.Tensor, batches) -> torch.Tensor | None:
     return torch.full(x.shape, int(fill), device=x.device, dtype=torch.int8)
 
 
-@torch.no_grad()
 def memory_alerts(log, step: int, row: dict, t) -> None:
     """Alert events for the two ways a memory goes unused: the gate closing on it (the seed's
     collapse) and M overshooting (its norm growing by orders of magnitude along a sequence while
@@ -195,6 +194,7 @@ def memory_alerts(log, step: int, row: dict, t) -> None:
                  f"lower model.memory.max_lr or theta_init)")
 
 
+@torch.no_grad()
 def _val_pass(model, data, n_batches: int, autocast) -> tuple[float, float | None]:
     """Mean loss over fixed validation batches, and accuracy on scored (label != -100) positions
     when the task scores only some (retrieval tasks)."""
