@@ -105,6 +105,25 @@ def kernel_error(B, T, H, D, chunk, device) -> dict:
             for n, r in outs["chunked"].items()}
 
 
+def time_modes(prefix: str, steps: dict, tokens: int) -> dict:
+    """Time each mode's step: {prefix}_{mode}_ms and _tok_s (or _error: the others keep their
+    numbers), and the fastest as {prefix}_ms, _tok_s and _mode."""
+    out = {}
+    for mode, step in steps.items():
+        try:
+            ms = timed(step)
+        except Exception as e:  # noqa: BLE001 - keep the other modes' numbers, say why
+            out[f"{prefix}_{mode}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            continue
+        out[f"{prefix}_{mode}_ms"], out[f"{prefix}_{mode}_tok_s"] = ms, tokens / ms * 1e3
+    done = [m for m in steps if f"{prefix}_{m}_ms" in out]
+    if done:
+        best = min(done, key=lambda m: out[f"{prefix}_{m}_ms"])
+        out[f"{prefix}_mode"] = best
+        out[f"{prefix}_ms"], out[f"{prefix}_tok_s"] = out[f"{prefix}_{best}_ms"], out[f"{prefix}_{best}_tok_s"]
+    return out
+
+
 def bench_scan(B, T, H, D, chunk, device) -> dict:
     """memory_scan alone, the Triton op with its gate algebra: like for like with SDPA, which also
     maps q, k, v to y without the layer's projections. Eager, compiled, and with CUDA graphs."""
@@ -113,40 +132,18 @@ def bench_scan(B, T, H, D, chunk, device) -> dict:
 
     def scan(q, k, v, alpha, eta, theta, gamma):
         return memory_scan(q, k, v, alpha, eta, theta, gamma, chunk_size=chunk, impl="triton")[0]
-    out = {}
-    for mode, fn in (("eager", scan), ("compiled", torch.compile(scan, dynamic=False)),
-                     ("graphs", torch.compile(scan, dynamic=False, mode=GRAPHS))):
-        try:
-            out[f"atlas_scan_{mode}_ms"] = timed(fwd_bwd(fn, ins))
-        except Exception as e:  # noqa: BLE001 - keep the other modes' numbers, say why
-            out[f"atlas_scan_{mode}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    timed_modes = [k for k in out if k.endswith("_ms")]
-    if not timed_modes:
-        return out
-    best = min(timed_modes, key=out.get)
-    out["atlas_scan_mode"] = best[len("atlas_scan_"):-3]
-    out["atlas_scan_ms"], out["atlas_scan_tok_s"] = out[best], B * T / out[best] * 1e3
-    return out
+    fns = {"eager": scan, "compiled": torch.compile(scan, dynamic=False),
+           "graphs": torch.compile(scan, dynamic=False, mode=GRAPHS)}
+    return time_modes("atlas_scan", {m: fwd_bwd(fn, ins) for m, fn in fns.items()}, B * T)
 
 
 def bench_triton_modes(x, d, H, chunk, dtype, device) -> dict:
     """The Triton layer eager, compiled and compiled with CUDA graphs; the fastest is the headline."""
-    B, T, _ = x.shape
-    out = {}
     layer = memory_layer(d, H, "triton", chunk, dtype, device)
-    for mode, fn in (("eager", layer), ("compiled", compiled(layer)),
-                     ("graphs", compiled(memory_layer(d, H, "triton", chunk, dtype, device), GRAPHS))):
-        try:
-            ms = timed(fwd_bwd(fn, (x,), fn.parameters()))
-        except Exception as e:  # noqa: BLE001 - keep the other modes' numbers, say why
-            out[f"atlas_triton_{mode}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            continue
-        out[f"atlas_triton_{mode}_ms"], out[f"atlas_triton_{mode}_tok_s"] = ms, B * T / ms * 1e3
-    best = min((m for m in ("eager", "compiled", "graphs") if f"atlas_triton_{m}_ms" in out),
-               key=lambda m: out[f"atlas_triton_{m}_ms"])
-    out["atlas_triton_mode"] = best
-    out["atlas_triton_ms"], out["atlas_triton_tok_s"] = out[f"atlas_triton_{best}_ms"], out[f"atlas_triton_{best}_tok_s"]
-    return out
+    fns = {"eager": layer, "compiled": compiled(layer),
+           "graphs": compiled(memory_layer(d, H, "triton", chunk, dtype, device), GRAPHS)}
+    return time_modes("atlas_triton", {m: fwd_bwd(fn, (x,), fn.parameters()) for m, fn in fns.items()},
+                      x.shape[0] * x.shape[1])
 
 
 def bench_layer(B, T, H, D, chunk, dtype, device, impls) -> dict:

@@ -13,3 +13,14 @@ def test_bench_smoke_writes_json(tmp_path, capsys):
     assert {"atlas_300m_tok_s", "transformer_300m_tok_s", "atlas_300m_mfu"} <= set(r["model"])
     assert all(s["ms"] > 0 for s in r["scaling"]) and all(d["ms_per_token"] > 0 for d in r["decode"])
     assert "atlas_chunked" in capsys.readouterr().out
+
+
+def test_time_modes_keeps_the_others_when_one_fails():
+    from atlas.bench import time_modes
+
+    def broken():
+        raise RuntimeError("no graphs here\nsecond line")
+    r = time_modes("x", {"eager": lambda: None, "graphs": broken}, tokens=100)
+    assert r["x_mode"] == "eager" and r["x_ms"] == r["x_eager_ms"] and r["x_tok_s"] > 0
+    assert r["x_graphs_error"] == "RuntimeError: no graphs here"
+    assert "x_mode" not in time_modes("y", {"graphs": broken}, tokens=100)
