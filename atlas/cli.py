@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(fn=cmd_info)
     from .train.cli import add_train_commands
     add_train_commands(sub)
-    from .tasks.cli import add_eval_commands
-    add_eval_commands(sub)
+    from .tasks.cli import add_inference_commands
+    add_inference_commands(sub)
     from .bench import add_bench_command
     add_bench_command(sub)
     return p

@@ -134,7 +134,7 @@ def cmd_sample(args) -> None:
           f"prompt included); step {step}, {ckpt.name} of {ckpt.parent.parent}", file=sys.stderr)
 
 
-def add_eval_commands(sub) -> None:
+def add_inference_commands(sub) -> None:
     sm = sub.add_parser("sample", help="generate text from a checkpoint (memory and attention state carried)")
     sm.add_argument("run", metavar="RUN_OR_CHECKPOINT",
                     help="a run directory (its newest complete checkpoint) or a checkpoint directory")
