@@ -126,3 +126,23 @@ def test_divergence_stops_without_a_broken_checkpoint(tmp_path, capsys):
     from safetensors.torch import load_file
     for _, ckpt in complete_checkpoints(tmp_path / "run"):
         assert all(t.isfinite().all() for t in load_file(str(ckpt / "model.safetensors")).values())
+
+
+def test_gate_drift_is_logit_speed_against_the_lr(tmp_path):
+    """gate_drift: each layer's gate-logit change between stats rows over the LR the gates had in
+    between (at the first row, from the gate's init)."""
+    import math
+    run = tmp_path / "run"
+    assert main(["train", "tiny", "--run-dir", str(run), *SMALL, "train.max_steps=6", "train.log_every=1",
+                 "train.stats_every=3", "train.gate_lr_mult=2.0", "model.gate.floor=0.1"]) == 0
+    steps = rows(run, "train_steps")
+    stats = [r for r in steps if "gate" in r]
+    assert [r["step"] for r in stats] == [3, 6]
+    logit = lambda g: math.log((g - 0.1) / 0.9 / (1 - (g - 0.1) / 0.9))  # noqa: E731
+    before = [0.5, 0.5]  # model.gate.init
+    for r in stats:
+        lr_sum = 2.0 * sum(s["lr"] for s in steps if r["step"] - 3 < s["step"] <= r["step"])
+        want = [(logit(g) - logit(b)) / lr_sum for g, b in zip(r["gate"], before)]
+        assert r["gate_drift"] == pytest.approx(want, rel=1e-6)
+        before = r["gate"]
+    assert any(abs(d) > 0 for d in stats[-1]["gate_drift"])

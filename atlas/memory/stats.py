@@ -6,6 +6,8 @@ the effective rank of M (exp of the entropy of its normalised singular values, R
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 STAT_NAMES = ("gate", "M_norm", "M_std", "M_max", "M_mean", "S_norm", "M_eff_rank")
@@ -36,3 +38,15 @@ def memory_stats(model, state) -> dict[str, list[float]]:
         return {}
     table = torch.stack(rows).T.tolist()  # one host transfer for all layers
     return dict(zip(STAT_NAMES, table))
+
+
+def gate_drift(gate: list[float], before: list[float], lr_sum: float, floor: float) -> list[float]:
+    """How fast each layer's gate logit w (g = floor + (1 - floor) sigmoid(w)) moved between two
+    stats rows, in units of the farthest Adam could move it: about lr a step, lr_sum in all.
+    -1: pushed shut at full speed the whole time; gradient noise averages out near 0. The seed's
+    collapse ran at about -0.6 for its first 11.5K steps (experiments/memory_use/README.md)."""
+    def logit(g):
+        p = min(max((g - floor) / (1 - floor), 1e-7), 1 - 1e-7)
+        return math.log(p / (1 - p))
+    return [(logit(g) - logit(b)) / lr_sum if math.isfinite(g) and math.isfinite(b) else float("nan")
+            for g, b in zip(gate, before)]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config, phase_at, stage_at, total_steps
-from ..memory.stats import memory_stats
+from ..memory.stats import gate_drift, memory_stats
 from ..model import AtlasLM, GateMode
 from ..model.generate import generate
 from ..tasks.mqar import scored_hits
@@ -78,6 +78,8 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
     stage_idx = -1
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * world
     loss_sum, steps_since_log, t_log = torch.zeros((), device=device), 0, time.perf_counter()
+    # the gates at the last stats row (at step 0: their init; unknown after a resume) and the LR since
+    gate_from, gate_lr = (cfg.model.gate.init if step == 0 else None), 0.0
     while step < last_step:
         # ---- stage: the memory chunk size and LR scale of this part of the run (TNT)
         idx, stage = stage_at(cfg, step)
@@ -89,6 +91,7 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
             stage_idx = idx
         lr = lr_at(cfg, step)
         set_lr(opt, lr)
+        gate_lr += lr * t.gate_lr_mult
 
         mode = phase_at(cfg, step)
 
@@ -125,6 +128,11 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
                 row["mfu"] = tok_s / world * flops_per_token(cfg.model, t.seq_len, stage.chunk_size) / peak
             if step % t.stats_every == 0 or step == last_step:
                 row.update(memory_stats(model, state))
+                if "gate" in row:
+                    if gate_from is not None:
+                        before = gate_from if isinstance(gate_from, list) else [gate_from] * len(row["gate"])
+                        row["gate_drift"] = gate_drift(row["gate"], before, gate_lr, cfg.model.gate.floor)
+                    gate_from, gate_lr = row["gate"], 0.0
                 memory_alerts(log, step, row, t)
             log.record("train_steps", row)
             msg = f"step {step}/{last_step} loss {mean_loss:.4f} lr {lr:.2e} gnorm {row['grad_norm']:.2f} {tok_s:,.0f} tok/s"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 COMMAND = ("python experiments/memory_use/run.py --part {lm,mqar,passkey} [--only RECIPE] [--points T:kv] "
@@ -31,20 +30,18 @@ def load_parts(dirs: list[Path]) -> dict:
 
 
 def gate_travel(r: dict, init: float, gates: list[float]) -> dict:
-    """How far each layer's scalar gate logit w (g = floor + (1 - floor) sigmoid(w)) moved, against
-    the sum of the learning rates its steps had: Adam moves a parameter by about lr a step at most,
-    so a gradient of one sign all along would use the whole budget. The seed's field report went
-    from 0.501 to 0.259 in 11.5K steps at lr 1.5e-4: |dw| 1.05 of a budget of ~1.7, i.e. ~0.6."""
+    """How far each layer's gate logit moved over the run, against the sum of the learning rates
+    its steps had (atlas.memory.stats.gate_drift over the whole run, unsigned): Adam moves a
+    parameter by about lr a step at most, so a gradient of one sign all along would use it all.
+    The seed's field report went from 0.501 to 0.259 in 11.5K steps at lr 1.5e-4: |dw| 1.05 of a
+    budget of ~1.7, i.e. ~0.6."""
     from atlas.config import load_config
+    from atlas.memory.stats import gate_drift
     from atlas.train.optim import lr_at
     cfg = load_config("tiny", r["overrides"])
-    floor = cfg.model.gate.floor
-
-    def logit(g):
-        p = (g - floor) / (1 - floor)
-        return math.log(p / (1 - p))
     budget = sum(lr_at(cfg, t) for t in range(r["final_val"]["step"])) * cfg.train.gate_lr_mult
-    return {"lr_budget": budget, "fraction_per_layer": [abs(logit(g) - logit(init)) / budget for g in gates]}
+    drift = gate_drift(gates, [init] * len(gates), budget, cfg.model.gate.floor)
+    return {"lr_budget": budget, "fraction_per_layer": [abs(d) for d in drift]}
 
 
 def recipe_row(r: dict, init: float | None) -> dict:
