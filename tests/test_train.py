@@ -27,6 +27,9 @@ def test_resume_is_bit_identical_and_metrics_are_named(tmp_path):
     loss_a = {r["step"]: r["loss"] for r in rows(a, "train_steps")}
     loss_b = {r["step"]: r["loss"] for r in rows(b, "train_steps")}
     assert [loss_b[s] for s in (5, 6)] == [loss_a[s] for s in (5, 6)]  # exact, not close
+    drift_a = {r["step"]: r["gate_drift"] for r in rows(a, "train_steps") if "gate_drift" in r}
+    drift_b = {r["step"]: r["gate_drift"] for r in rows(b, "train_steps") if "gate_drift" in r}
+    assert drift_b[6] == drift_a[6]  # gate_drift picks up where the logs left off
 
     first = rows(a, "train_steps")[0]
     assert {"step", "loss", "ppl", "lr", "grad_norm", "tokens_per_s"} <= set(first)
@@ -146,3 +149,20 @@ def test_gate_drift_is_logit_speed_against_the_lr(tmp_path):
         assert r["gate_drift"] == pytest.approx(want, rel=1e-6)
         before = r["gate"]
     assert any(abs(d) > 0 for d in stats[-1]["gate_drift"])
+
+
+def test_gate_drift_after_a_resume_from_between_stats_rows(tmp_path):
+    """A run killed during step 5 (checkpoint at 4, last stats row at 3), resumed: its gate_drift at
+    step 6 equals the uninterrupted run's (the LR of step 4 is counted from the logs' row at 3)."""
+    import shutil
+    a, b = tmp_path / "A", tmp_path / "B"
+    common = SMALL + ["train.log_every=1", "train.stats_every=3", "train.checkpoint_every=2", "train.seed=3"]
+    assert main(["train", "tiny", "--run-dir", str(a), "train.max_steps=6", *common]) == 0
+    tok = str(a / "tokenizer.json")
+    assert main(["train", "tiny", "--run-dir", str(b), "train.max_steps=5", f"data.tokenizer={tok}", *common]) == 0
+    shutil.rmtree(b / "checkpoints" / "checkpoint_5")  # killed during step 5: its logs and checkpoint are gone
+    f = b / "metrics" / "train_steps.jsonl"
+    f.write_text("".join(line + "\n" for line in f.read_text().splitlines() if json.loads(line)["step"] <= 4))
+    assert main(["train", "--resume", str(b), "train.max_steps=6"]) == 0
+    drift = lambda run: [r["gate_drift"] for r in rows(run, "train_steps") if r["step"] == 6][-1]  # noqa: E731
+    assert drift(b) == drift(a)

@@ -5,6 +5,7 @@ rank-aware: every rank trains, rank 0 writes).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -78,8 +79,8 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
     stage_idx = -1
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * world
     loss_sum, steps_since_log, t_log = torch.zeros((), device=device), 0, time.perf_counter()
-    # the gates at the last stats row (at step 0: their init; unknown after a resume) and the LR since
-    gate_from, gate_lr = (cfg.model.gate.init if step == 0 else None), 0.0
+    # the gates at the last stats row (at step 0: their init) and the LR since, for gate_drift
+    gate_from, gate_lr = gates_before(run_dir, step, cfg) if step else (cfg.model.gate.init, 0.0)
     while step < last_step:
         # ---- stage: the memory chunk size and LR scale of this part of the run (TNT)
         idx, stage = stage_at(cfg, step)
@@ -172,6 +173,20 @@ def stop_diverged(log, step: int, run_dir: Path, what: str) -> None:
     log.line(f"ALERT step {step}: {what}; stopping (the last checkpoint stays valid)")
     log.close()
     raise TrainingDiverged(f"training diverged by step {step} ({what}); see {run_dir / 'training.log'}")
+
+
+def gates_before(run_dir: Path, step: int, cfg: Config) -> tuple[list[float] | None, float]:
+    """On resume: the gates of the last stats row at or before `step` and the gate LR summed since,
+    added in the loop's order, so gate_drift continues exactly as in an uninterrupted run."""
+    f = run_dir / "metrics" / "train_steps.jsonl"
+    if not f.exists():  # no logs to continue from: the next stats row has no drift
+        return None, 0.0
+    last = [r for r in map(json.loads, f.read_text().splitlines()) if "gate" in r and r["step"] <= step]
+    since, gates = (last[-1]["step"], last[-1]["gate"]) if last else (0, cfg.model.gate.init)
+    gate_lr = 0.0
+    for s in range(since, step):
+        gate_lr += lr_at(cfg, s) * cfg.train.gate_lr_mult
+    return gates, gate_lr
 
 
 def gate_modes(mode: str, x: torch.Tensor, batches) -> torch.Tensor | None:
