@@ -80,7 +80,8 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * world
     loss_sum, steps_since_log, t_log = torch.zeros((), device=device), 0, time.perf_counter()
     # the gates at the last stats row (at step 0: their init) and the LR since, for gate_drift
-    gate_from, gate_lr = gates_before(run_dir, step, cfg) if step else (cfg.model.gate.init, 0.0)
+    init_gates = [cfg.model.gate.init] * sum(b.has_memory for b in model.blocks)
+    gate_from, gate_lr = gates_before(run_dir, step, cfg, init_gates) if step else (init_gates, 0.0)
     while step < last_step:
         # ---- stage: the memory chunk size and LR scale of this part of the run (TNT)
         idx, stage = stage_at(cfg, step)
@@ -131,8 +132,7 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
                 row.update(memory_stats(model, state))
                 if "gate" in row:
                     if gate_from is not None:
-                        before = gate_from if isinstance(gate_from, list) else [gate_from] * len(row["gate"])
-                        row["gate_drift"] = gate_drift(row["gate"], before, gate_lr, cfg.model.gate.floor)
+                        row["gate_drift"] = gate_drift(row["gate"], gate_from, gate_lr, cfg.model.gate.floor)
                     gate_from, gate_lr = row["gate"], 0.0
                 memory_alerts(log, step, row, t)
             log.record("train_steps", row)
@@ -175,14 +175,14 @@ def stop_diverged(log, step: int, run_dir: Path, what: str) -> None:
     raise TrainingDiverged(f"training diverged by step {step} ({what}); see {run_dir / 'training.log'}")
 
 
-def gates_before(run_dir: Path, step: int, cfg: Config) -> tuple[list[float] | None, float]:
+def gates_before(run_dir: Path, step: int, cfg: Config, init_gates: list[float]) -> tuple[list[float] | None, float]:
     """On resume: the gates of the last stats row at or before `step` and the gate LR summed since,
     added in the loop's order, so gate_drift continues exactly as in an uninterrupted run."""
     f = run_dir / "metrics" / "train_steps.jsonl"
     if not f.exists():  # no logs to continue from: the next stats row has no drift
         return None, 0.0
     last = [r for r in map(json.loads, f.read_text().splitlines()) if "gate" in r and r["step"] <= step]
-    since, gates = (last[-1]["step"], last[-1]["gate"]) if last else (0, cfg.model.gate.init)
+    since, gates = (last[-1]["step"], last[-1]["gate"]) if last else (0, init_gates)
     gate_lr = 0.0
     for s in range(since, step):
         gate_lr += lr_at(cfg, s) * cfg.train.gate_lr_mult
