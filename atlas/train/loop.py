@@ -25,7 +25,7 @@ from .data import load_data
 from .flops import flops_per_token, peak_flops
 from .logbook import Logbook, progress
 from . import parallel
-from .optim import lr_at, make_optimizer, set_lr
+from .optim import gate_lr_sum, lr_at, make_optimizer, set_lr
 from .rundir import write_config
 
 class TrainingDiverged(RuntimeError):
@@ -79,9 +79,9 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
     stage_idx = -1
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * world
     loss_sum, steps_since_log, t_log = torch.zeros((), device=device), 0, time.perf_counter()
-    # the gates at the last stats row (at step 0: their init) and the LR since, for gate_drift
+    # (step, gates) of the last stats row, for gate_drift: at step 0 the gates' init
     init_gates = [cfg.model.gate.init] * sum(b.has_memory for b in model.blocks)
-    gate_from, gate_lr = gates_before(run_dir, step, cfg, init_gates) if step else (init_gates, 0.0)
+    gates_then = gates_before(run_dir, step, init_gates) if step else (0, init_gates)
     while step < last_step:
         # ---- stage: the memory chunk size and LR scale of this part of the run (TNT)
         idx, stage = stage_at(cfg, step)
@@ -93,7 +93,6 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
             stage_idx = idx
         lr = lr_at(cfg, step)
         set_lr(opt, lr)
-        gate_lr += lr * t.gate_lr_mult
 
         mode = phase_at(cfg, step)
 
@@ -131,9 +130,11 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
             if step % t.stats_every == 0 or step == last_step:
                 row.update(memory_stats(model, state))
                 if "gate" in row:
-                    if gate_from is not None:
-                        row["gate_drift"] = gate_drift(row["gate"], gate_from, gate_lr, cfg.model.gate.floor)
-                    gate_from, gate_lr = row["gate"], 0.0
+                    if gates_then is not None:
+                        since, before = gates_then
+                        row["gate_drift"] = gate_drift(row["gate"], before, gate_lr_sum(cfg, since, step),
+                                                       cfg.model.gate.floor)
+                    gates_then = step, row["gate"]
                 memory_alerts(log, step, row, t)
             log.record("train_steps", row)
             msg = f"step {step}/{last_step} loss {mean_loss:.4f} lr {lr:.2e} gnorm {row['grad_norm']:.2f} {tok_s:,.0f} tok/s"
@@ -175,18 +176,14 @@ def stop_diverged(log, step: int, run_dir: Path, what: str) -> None:
     raise TrainingDiverged(f"training diverged by step {step} ({what}); see {run_dir / 'training.log'}")
 
 
-def gates_before(run_dir: Path, step: int, cfg: Config, init_gates: list[float]) -> tuple[list[float] | None, float]:
-    """On resume: the gates of the last stats row at or before `step` and the gate LR summed since,
-    added in the loop's order, so gate_drift continues exactly as in an uninterrupted run."""
+def gates_before(run_dir: Path, step: int, init_gates: list[float]) -> tuple[int, list[float]] | None:
+    """On resume: (step, gates) of the logs' last stats row at or before `step` (none: the init at
+    step 0), so gate_drift continues as in an uninterrupted run; None without logs."""
     f = run_dir / "metrics" / "train_steps.jsonl"
-    if not f.exists():  # no logs to continue from: the next stats row has no drift
-        return None, 0.0
+    if not f.exists():
+        return None
     last = [r for r in map(json.loads, f.read_text().splitlines()) if "gate" in r and r["step"] <= step]
-    since, gates = (last[-1]["step"], last[-1]["gate"]) if last else (0, init_gates)
-    gate_lr = 0.0
-    for s in range(since, step):
-        gate_lr += lr_at(cfg, s) * cfg.train.gate_lr_mult
-    return gates, gate_lr
+    return (last[-1]["step"], last[-1]["gate"]) if last else (0, init_gates)
 
 
 def gate_modes(mode: str, x: torch.Tensor, batches) -> torch.Tensor | None:

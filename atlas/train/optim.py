@@ -55,6 +55,12 @@ def lr_at(cfg: Config, step: int) -> float:
     return t.lr * stage.lr_scale * f
 
 
+def gate_lr_sum(cfg: Config, start: int, end: int) -> float:
+    """The learning rate the mixing gates had over optimizer steps start .. end-1: as far as Adam
+    can move a gate logit in them (gate_drift's unit)."""
+    return sum(lr_at(cfg, s) for s in range(start, end)) * cfg.train.gate_lr_mult
+
+
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for g in opt.param_groups:
         g["lr"] = lr * g["lr_mult"]

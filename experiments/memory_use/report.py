@@ -37,9 +37,9 @@ def gate_travel(r: dict, init: float, gates: list[float]) -> dict:
     budget of ~1.7, i.e. ~0.6."""
     from atlas.config import load_config
     from atlas.memory.stats import gate_drift
-    from atlas.train.optim import lr_at
+    from atlas.train.optim import gate_lr_sum
     cfg = load_config("tiny", r["overrides"])
-    budget = sum(lr_at(cfg, t) for t in range(r["final_val"]["step"])) * cfg.train.gate_lr_mult
+    budget = gate_lr_sum(cfg, 0, r["final_val"]["step"])
     drift = gate_drift(gates, [init] * len(gates), budget, cfg.model.gate.floor)
     return {"lr_budget": budget, "fraction_per_layer": [abs(d) for d in drift]}
 
