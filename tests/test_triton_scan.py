@@ -80,6 +80,7 @@ def check(ref, got, tol, gtol):
     (63, 40, 3, None, 0.3, 16),  # Huber across sub-chunks
     (48, 16, 2, None, None, 64),  # every sub-chunk full: the end-of-sub-chunk row is one slice
     (32, 16, 1, None, None, 64),  # no halo, full sub-chunks of a power of two: no gathers at all
+    (45, 20, 12, None, None, 16),  # a window longer than a sub-chunk: keys in up to 4 sub-chunks' rows
 ])
 def test_triton_equals_chunked(T, chunk, W, poly, huber, sub, monkeypatch):
     monkeypatch.setattr(triton_scan, "SUB_CHUNK", sub)

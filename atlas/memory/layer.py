@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..config import MemoryConfig
 from .chunked import log_gates
+from .conv import conv_silu
 from .scan import memory_scan
 from .state import MemoryState, clamp_norm, newton_schulz5
 from .step import Running, memory_step
@@ -77,14 +78,12 @@ class MemoryLayer(nn.Module):
         if self.conv is not None:
             K = self.conv.kernel_size[0]
             halo = state.conv if state is not None else qkv.new_zeros(B, K - 1, qkv.shape[-1])
-            padded = torch.cat([halo.to(qkv.dtype), qkv], dim=1)  # (B, K-1+T, C)
-            conv_state = padded[:, padded.shape[1] - (K - 1):]
-            # the conv as K shifted multiply-adds in (B, T, C): Conv1d would work channels-first and
-            # hand back q, k, v with a stride-T last dim, which made every later op (normalise,
-            # the scan's gathers, their backward) a strided copy -- 3x the layer's kernel time
-            w = self.conv.weight[:, 0].to(qkv.dtype)  # (C, K)
-            qkv = sum(padded[:, j:j + T] * w[:, j] for j in range(K))  # (B, T, C)
-        qkv = F.silu(qkv)
+            # (B, K-1, C): the last K-1 rows of halo ++ qkv, for the next call
+            conv_state = torch.cat([halo.to(qkv.dtype)[:, min(T, K - 1):], qkv[:, max(0, T - (K - 1)):]], dim=1)
+            # (B, T, C); the Triton kernels with the Triton scan
+            qkv = conv_silu(qkv, self.conv.weight[:, 0], halo, triton=self.impl == "triton")
+        else:
+            qkv = F.silu(qkv)
         q, k, v = qkv.split([H * Dk, H * Dk, H * Dv], dim=-1)
         # back to the projection's dtype: autocast runs normalize in float32, and bf16 q, k, v are
         # what the Triton kernels read at full tensor-core rate

@@ -50,6 +50,10 @@ class _Plan:
     kidx: torch.Tensor  # (NSC*BL,) halo-coordinate row of each key row (0 on padding)
     kpad: torch.Tensor  # (NSC, BL)
     yidx: torch.Tensor  # (T,) row of each token in the flattened (NSC*BT) layout
+    # the gathers' backward as gathers too (index_select's own backward is an atomic index_add,
+    # 5% of the 300M step at window 16): each row's token, T on padding (a zero row) ...
+    qback: torch.Tensor  # (1, NSC*BT)
+    kback: torch.Tensor  # (copies, W-1+T) every key row holding each halo-coordinate row, NSC*BL if none
     last: torch.Tensor  # (NSC,) last real row of each sub-chunk
     ref: torch.Tensor  # (NSC,) int32 first sub-chunk of each sub-chunk's chunk
 
@@ -91,6 +95,14 @@ def _make_plan(T: int, chunk: int, W: int, sub: int, device: torch.device) -> _P
     qidx = [0 if p else s + r for s, pads in zip(starts, qpad) for r, p in enumerate(pads)]
     kidx = [0 if p else s + r for s, pads in zip(starts, kpad) for r, p in enumerate(pads)]
     yidx = [i * BT + r for i, n in enumerate(lens) for r in range(n)]  # (T,)
+    # a key row sits in its own sub-chunk and in the halo of the next ones: ceil((W-1)/bs) + 1 copies
+    holders = [[] for _ in range(W - 1 + T)]
+    for r, (i, p) in enumerate(zip(kidx, (p for pads in kpad for p in pads))):
+        if not p:
+            holders[i].append(r)
+    copies = max(len(h) for h in holders) if holders else 1
+    kback = [[h[c] if c < len(h) else len(kidx) for h in holders] for c in range(copies)]
+    qback = [[T if p else t for t, p in zip(qidx, (p for pads in qpad for p in pads))]]
     identity = BT == bs and BL == bs and T % bs == 0 and chunk % bs == 0
     full = T % chunk == 0 and chunk % bs == 0  # every sub-chunk ends at row bs - 1
 
@@ -98,14 +110,38 @@ def _make_plan(T: int, chunk: int, W: int, sub: int, device: torch.device) -> _P
         return torch.tensor(x, dtype=dtype, device=device)
     return _Plan(len(starts), BT, BL, identity, big=bs < chunk and T > bs, last_row=bs - 1 if full else None,
                  qidx=dev(qidx), qpad=dev(qpad, torch.bool), kidx=dev(kidx), kpad=dev(kpad, torch.bool),
-                 yidx=dev(yidx), last=dev([n - 1 for n in lens]), ref=dev(ref, torch.int32))
+                 yidx=dev(yidx), qback=dev(qback), kback=dev(kback), last=dev([n - 1 for n in lens]),
+                 ref=dev(ref, torch.int32))
 
 
-def _rows(x, idx, plan, rows):
-    """(B, N, ...) -> (B, NSC, rows, ...): the rows each sub-chunk reads, in the padded layout."""
+class _Take(torch.autograd.Function):
+    """x.index_select(1, idx), differentiated by gathers: row n of the gradient is the sum over c of
+    the output gradient's row back[c, n] (back = len(idx) reads zeros). A gather instead of
+    index_select's backward, an atomic scatter-add that ran at a fraction of bandwidth."""
+
+    @staticmethod
+    def forward(ctx, x, idx, back):
+        ctx.save_for_backward(back)
+        return x.index_select(1, idx)
+
+    @staticmethod
+    def backward(ctx, g):
+        back, = ctx.saved_tensors
+        g = torch.cat([g, g.new_zeros(g.shape[0], 1, *g.shape[2:])], dim=1)  # the zero row last
+        dx = g.index_select(1, back[0])
+        for c in range(1, back.shape[0]):
+            dx = dx + g.index_select(1, back[c])
+        return dx, None, None
+
+
+def _rows(x, idx, plan, rows, back=None):
+    """(B, N, ...) -> (B, NSC, rows, ...): the rows each sub-chunk reads, in the padded layout.
+    back: the gather's inverse (plan.yidx[None] for queries, plan.kback for keys) for a
+    gradient without atomics; None takes index_select's own (small float32 gate tensors)."""
     if plan.identity:
         return x.reshape(x.shape[0], plan.NSC, rows, *x.shape[2:])
-    return x.index_select(1, idx).view(x.shape[0], plan.NSC, rows, *x.shape[2:])
+    taken = x.index_select(1, idx) if back is None else _Take.apply(x, idx, back)
+    return taken.view(x.shape[0], plan.NSC, rows, *x.shape[2:])
 
 
 def _gates(alpha, eta, theta, gx, W, plan):
@@ -271,14 +307,14 @@ def memory_scan_triton(q, k, v, alpha, eta, theta, gamma, *, chunk_size, window,
     pq = q.to(io) if poly is None else apply_poly(q.to(dt), poly).to(io)
     pkx = kx if poly is None else apply_poly(kx.to(dt), poly).to(io)
     G, P, f, gl, cs, last = _gates_for(q.device)(alpha, eta, theta, gx, W, plan)
-    qs = _rows(pq, plan.qidx, plan, plan.BT).contiguous()  # (B, NSC, BT, H, Dk)
-    ks = _rows(pkx, plan.kidx, plan, plan.BL).contiguous()  # (B, NSC, BL, H, Dk)
-    vs = _rows(vx, plan.kidx, plan, plan.BL).contiguous()  # (B, NSC, BL, H, Dv)
+    qs = _rows(pq, plan.qidx, plan, plan.BT, plan.yidx[None]).contiguous()  # (B, NSC, BT, H, Dk)
+    ks = _rows(pkx, plan.kidx, plan, plan.BL, plan.kback).contiguous()  # (B, NSC, BL, H, Dk)
+    vs = _rows(vx, plan.kidx, plan, plan.BL, plan.kback).contiguous()  # (B, NSC, BL, H, Dv)
     y, M, S, _, _ = _scan_fwd(qs, ks, vs, G.contiguous(), P.contiguous(), f.contiguous(), gl.contiguous(),
                               cs.contiguous(), last.contiguous(), plan.ref, state.M.contiguous(),
                               state.S.contiguous(), huber_delta, plan.big)
     y = y.view(B, -1, H, y.shape[-1])  # (B, NSC*BT, H, Dv)
-    y = y if plan.identity else y.index_select(1, plan.yidx)  # (B, T, H, Dv)
+    y = y if plan.identity else _Take.apply(y, plan.yidx, plan.qback)  # (B, T, H, Dv)
 
     def tail(halo, x):  # the last W-1 raw rows of halo ++ x, in the state's dtype
         x = torch.cat([halo, x[:, max(0, T - (W - 1)):].to(halo.dtype)], dim=1)

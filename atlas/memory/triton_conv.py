@@ -1,0 +1,134 @@
+"""Triton kernels of conv.py's causal depthwise conv + SiLU, as a `torch.library.custom_op` (so
+torch.compile traces around it). Float32 accumulation; x, y, dy in their own dtype.
+
+    forward   y = silu(a),  a[t] = sum_j P[t + j] w[:, j],  P = halo ++ x         one pass over x
+    backward  da = dy * silu'(a)  (a recomputed)  and dw = sum_t da[t] P[t + j]   pass 1
+              dP[p] = sum_j da[p - j] w[:, j]  -> dhalo = dP[:K-1], dx = dP[K-1:]  pass 2
+
+Rows are tokens, columns channels: every load is a contiguous run of channels. The shifted rows
+P[t + j] of one block overlap the next block's, and come from L1/L2.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BT, BC = 32, 128  # rows (tokens) and channels per program
+
+
+@triton.jit
+def _padded_rows(X, HALO, b, r, rc, T, C, K: tl.constexpr):
+    """Rows r of P = halo ++ x for batch b (r < 0 reads the halo), (len(r), len(rc)), float32."""
+    cm = (rc < C)[None, :]
+    xv = tl.load(X + (b * T + r)[:, None] * C + rc[None, :], mask=((r >= 0) & (r < T))[:, None] & cm, other=0.0)
+    hv = tl.load(HALO + (b * (K - 1) + (K - 1) + r)[:, None] * C + rc[None, :],
+                 mask=((r < 0) & (r >= 1 - K))[:, None] & cm, other=0.0)
+    return xv.to(tl.float32) + hv.to(tl.float32)
+
+
+@triton.jit
+def _act(X, HALO, Wt, b, rt, rc, T, C, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """a for rows rt: (BT, BC) float32."""
+    a = tl.zeros([BT, BC], dtype=tl.float32)
+    for j in tl.static_range(K):
+        wj = tl.load(Wt + rc * K + j, mask=rc < C, other=0.0).to(tl.float32)
+        a += _padded_rows(X, HALO, b, rt + j - (K - 1), rc, T, C, K) * wj[None, :]
+    return a
+
+
+@triton.jit
+def _fwd(X, HALO, Wt, Y, T, C, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """Grid (B, T/BT, C/BC)."""
+    b = tl.program_id(0).to(tl.int64)
+    rt = tl.program_id(1) * BT + tl.arange(0, BT)
+    rc = tl.program_id(2) * BC + tl.arange(0, BC)
+    a = _act(X, HALO, Wt, b, rt, rc, T, C, K, BT, BC)
+    y = a * tl.sigmoid(a)
+    tl.store(Y + (b * T + rt)[:, None] * C + rc[None, :], y.to(Y.dtype.element_ty),
+             mask=(rt < T)[:, None] & (rc < C)[None, :])
+
+
+@triton.jit
+def _bwd_act(X, HALO, Wt, DY, DA, DWP, T, C, NTB, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """da and this block's share of dw (DWP (B*NTB, C, K) float32). Grid (B, NTB, C/BC)."""
+    b = tl.program_id(0).to(tl.int64)
+    tb = tl.program_id(1)
+    rt = tb * BT + tl.arange(0, BT)
+    rc = tl.program_id(2) * BC + tl.arange(0, BC)
+    m = (rt < T)[:, None] & (rc < C)[None, :]
+    a = _act(X, HALO, Wt, b, rt, rc, T, C, K, BT, BC)
+    s = tl.sigmoid(a)
+    off = (b * T + rt)[:, None] * C + rc[None, :]
+    da = tl.load(DY + off, mask=m, other=0.0).to(tl.float32) * s * (1 + a * (1 - s))
+    tl.store(DA + off, da.to(DA.dtype.element_ty), mask=m)
+    for j in tl.static_range(K):
+        dwj = tl.sum(da * _padded_rows(X, HALO, b, rt + j - (K - 1), rc, T, C, K), 0)  # (BC,)
+        tl.store(DWP + ((b * NTB + tb) * C + rc) * K + j, dwj, mask=rc < C)
+
+
+@triton.jit
+def _bwd_in(DA, Wt, DX, DHALO, T, C, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """dP over padded rows p in [0, K-1+T): the halo's rows to DHALO, the rest to DX.
+    Grid (B, (K-1+T)/BT, C/BC)."""
+    b = tl.program_id(0).to(tl.int64)
+    rp = tl.program_id(1) * BT + tl.arange(0, BT)
+    rc = tl.program_id(2) * BC + tl.arange(0, BC)
+    cm = (rc < C)[None, :]
+    d = tl.zeros([BT, BC], dtype=tl.float32)
+    for j in tl.static_range(K):
+        t = rp - j  # a[t] read P[t + j] = P[p]
+        wj = tl.load(Wt + rc * K + j, mask=rc < C, other=0.0).to(tl.float32)
+        da = tl.load(DA + (b * T + t)[:, None] * C + rc[None, :], mask=((t >= 0) & (t < T))[:, None] & cm, other=0.0)
+        d += da.to(tl.float32) * wj[None, :]
+    r = rp - (K - 1)  # row of x
+    tl.store(DX + (b * T + r)[:, None] * C + rc[None, :], d.to(DX.dtype.element_ty),
+             mask=((r >= 0) & (r < T))[:, None] & cm)
+    tl.store(DHALO + (b * (K - 1) + rp)[:, None] * C + rc[None, :], d.to(DHALO.dtype.element_ty),
+             mask=(rp < K - 1)[:, None] & cm)
+
+
+@torch.library.custom_op("atlas::conv_silu_fwd", mutates_args=())
+def _conv_fwd(x: torch.Tensor, w: torch.Tensor, halo: torch.Tensor) -> torch.Tensor:
+    B, T, C = x.shape
+    y = torch.empty_like(x)
+    _fwd[(B, triton.cdiv(T, BT), triton.cdiv(C, BC))](x, halo, w, y, T, C, K=w.shape[1], BT=BT, BC=BC)
+    return y
+
+
+@_conv_fwd.register_fake
+def _(x, w, halo):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("atlas::conv_silu_bwd", mutates_args=())
+def _conv_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, halo: torch.Tensor) -> list[torch.Tensor]:
+    B, T, C = x.shape
+    K, NTB = w.shape[1], triton.cdiv(T, BT)
+    da = torch.empty_like(x)
+    dwp = torch.empty(B * NTB, C, K, device=x.device, dtype=torch.float32)  # per-block shares of dw
+    _bwd_act[(B, NTB, triton.cdiv(C, BC))](x, halo, w, dy.contiguous(), da, dwp, T, C, NTB, K=K, BT=BT, BC=BC)
+    dx, dhalo = torch.empty_like(x), torch.empty_like(halo)
+    _bwd_in[(B, triton.cdiv(K - 1 + T, BT), triton.cdiv(C, BC))](da, w, dx, dhalo, T, C, K=K, BT=BT, BC=BC)
+    return [dx, dwp.sum(0).to(w.dtype), dhalo]
+
+
+@_conv_bwd.register_fake
+def _(dy, x, w, halo):
+    return [torch.empty_like(x), torch.empty_like(w), torch.empty_like(halo)]
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dy):
+    return tuple(_conv_bwd(dy, *ctx.saved_tensors))
+
+
+_conv_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def conv_silu_triton(x: torch.Tensor, w: torch.Tensor, halo: torch.Tensor) -> torch.Tensor:
+    """conv.py's conv_silu on the kernels: x (B, T, C), w (C, K), halo (B, K-1, C)."""
+    return _conv_fwd(x.contiguous(), w.contiguous(), halo.to(x.dtype).contiguous())
