@@ -32,9 +32,11 @@ def both(B, T, C, K, dtype=torch.float32, seed=0):
     return out
 
 
-@pytest.mark.parametrize("B, T, C, K", [(2, 37, 20, 4), (1, 2, 131, 4), (2, 70, 9, 1), (1, 5, 7, 3)])
+@pytest.mark.parametrize("B, T, C, K", [(2, 37, 20, 4), (1, 2, 131, 4), (2, 70, 9, 1), (1, 5, 7, 3), (2, 300, 5, 4), (1, 9, 6, 6)])
 def test_triton_conv_equals_torch(B, T, C, K):
-    """T shorter than the window (2 < 3 halo rows), channels past a block (131), K = 1 (no halo)."""
+    """T shorter than the window (2 < 3 halo rows), channels past a block (131), K = 1 (no halo),
+    K = 3 (not a power of two), T = 300 (several programs of the backward, the last one part empty),
+    K = 6 (beyond the kernels' taps: the PyTorch form, still the same function)."""
     ref, got = both(B, T, C, K)
     for name, a, b in zip(("y", "dx", "dw", "dhalo"), got, ref):
         if b.numel():

@@ -26,8 +26,10 @@ def conv_silu_torch(x: torch.Tensor, w: torch.Tensor, halo: torch.Tensor) -> tor
 
 
 def conv_silu(x: torch.Tensor, w: torch.Tensor, halo: torch.Tensor, triton: bool = False) -> torch.Tensor:
-    """The conv and SiLU; triton=True takes the kernels where they run (CUDA, or the interpreter)."""
+    """The conv and SiLU; triton=True takes the kernels where they run (CUDA, or the interpreter)
+    and take the width (up to triton_conv.MAX_K taps; the default conv_size is 4)."""
     if triton and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        from .triton_conv import conv_silu_triton
-        return conv_silu_triton(x, w, halo)
+        from .triton_conv import MAX_K, conv_silu_triton
+        if w.shape[1] <= MAX_K:
+            return conv_silu_triton(x, w, halo)
     return conv_silu_torch(x, w, halo)

@@ -2,19 +2,34 @@
 torch.compile traces around it). Float32 accumulation; x, y, dy in their own dtype.
 
     forward   y = silu(a),  a[t] = sum_j P[t + j] w[:, j],  P = halo ++ x         one pass over x
-    backward  da = dy * silu'(a)  (a recomputed)  and dw = sum_t da[t] P[t + j]   pass 1
-              dP[p] = sum_j da[p - j] w[:, j]  -> dhalo = dP[:K-1], dx = dP[K-1:]  pass 2
+    backward  da = dy * silu'(a)  (a recomputed)                                  pass 1
+              dP[p] = sum_j da[p - j] w[:, j]  -> dhalo = dP[:K-1], dx = dP[K-1:]
+              and dw[:, j] = sum_p da[p - j] P[p]                                   pass 2
 
 Rows are tokens, columns channels: every load is a contiguous run of channels. The shifted rows
 P[t + j] of one block overlap the next block's, and come from L1/L2.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from .triton_kernels import _CACHE
+
 BT, BC = 32, 128  # rows (tokens) and channels per program
+NB = 4  # row blocks per program of the backward's second pass: fewer shares of dw to sum
+MAX_K = 4  # taps the kernels take (conv.py runs longer convs in PyTorch)
+
+
+def _warps():
+    """4 or 8 warps, autotuned per width; one config under the interpreter, where timing means
+    nothing, and with ATLAS_TRITON_TUNE=0."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("ATLAS_TRITON_TUNE") == "0":
+        return [triton.Config({}, num_warps=4)]
+    return [triton.Config({}, num_warps=w) for w in (4, 8)]
 
 
 @triton.jit
@@ -37,6 +52,7 @@ def _act(X, HALO, Wt, b, rt, rc, T, C, K: tl.constexpr, BT: tl.constexpr, BC: tl
     return a
 
 
+@triton.autotune(configs=_warps(), key=["C", "K"], **_CACHE)
 @triton.jit
 def _fwd(X, HALO, Wt, Y, T, C, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """Grid (B, T/BT, C/BC)."""
@@ -49,12 +65,12 @@ def _fwd(X, HALO, Wt, Y, T, C, K: tl.constexpr, BT: tl.constexpr, BC: tl.constex
              mask=(rt < T)[:, None] & (rc < C)[None, :])
 
 
+@triton.autotune(configs=_warps(), key=["C", "K"], **_CACHE)
 @triton.jit
-def _bwd_act(X, HALO, Wt, DY, DA, DWP, T, C, NTB, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """da and this block's share of dw (DWP (B*NTB, C, K) float32). Grid (B, NTB, C/BC)."""
+def _bwd_act(X, HALO, Wt, DY, DA, T, C, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """da = dy * silu'(a). Grid (B, T/BT, C/BC)."""
     b = tl.program_id(0).to(tl.int64)
-    tb = tl.program_id(1)
-    rt = tb * BT + tl.arange(0, BT)
+    rt = tl.program_id(1) * BT + tl.arange(0, BT)
     rc = tl.program_id(2) * BC + tl.arange(0, BC)
     m = (rt < T)[:, None] & (rc < C)[None, :]
     a = _act(X, HALO, Wt, b, rt, rc, T, C, K, BT, BC)
@@ -62,30 +78,58 @@ def _bwd_act(X, HALO, Wt, DY, DA, DWP, T, C, NTB, K: tl.constexpr, BT: tl.conste
     off = (b * T + rt)[:, None] * C + rc[None, :]
     da = tl.load(DY + off, mask=m, other=0.0).to(tl.float32) * s * (1 + a * (1 - s))
     tl.store(DA + off, da.to(DA.dtype.element_ty), mask=m)
-    for j in tl.static_range(K):
-        dwj = tl.sum(da * _padded_rows(X, HALO, b, rt + j - (K - 1), rc, T, C, K), 0)  # (BC,)
-        tl.store(DWP + ((b * NTB + tb) * C + rc) * K + j, dwj, mask=rc < C)
 
 
+@triton.autotune(configs=_warps(), key=["C", "K"], **_CACHE)
 @triton.jit
-def _bwd_in(DA, Wt, DX, DHALO, T, C, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """dP over padded rows p in [0, K-1+T): the halo's rows to DHALO, the rest to DX.
-    Grid (B, (K-1+T)/BT, C/BC)."""
+def _bwd_in(X, HALO, DA, Wt, DX, DHALO, DWP, T, C, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+            NB: tl.constexpr):
+    """dP over NB blocks of padded rows p in [0, K-1+T): the halo's rows to DHALO, the rest to DX;
+    and this program's share of dw[j] = sum_p da[p - j] P[p] (DWP (B*programs, C, K) float32).
+    Grid (B, (K-1+T)/(NB*BT), C/BC)."""
     b = tl.program_id(0).to(tl.int64)
-    rp = tl.program_id(1) * BT + tl.arange(0, BT)
+    pb = tl.program_id(1)
     rc = tl.program_id(2) * BC + tl.arange(0, BC)
     cm = (rc < C)[None, :]
-    d = tl.zeros([BT, BC], dtype=tl.float32)
+    # dw[j]'s products summed over rows once at the end: a reduction across rows per block cost 3x
+    # the pass. One accumulator per tap, so K <= MAX_K.
+    w0 = tl.zeros([BT, BC], dtype=tl.float32)
+    w1 = tl.zeros([BT, BC], dtype=tl.float32)
+    w2 = tl.zeros([BT, BC], dtype=tl.float32)
+    w3 = tl.zeros([BT, BC], dtype=tl.float32)
+    for i in range(NB):
+        rp = (pb * NB + i) * BT + tl.arange(0, BT)
+        P = _padded_rows(X, HALO, b, rp - (K - 1), rc, T, C, K)  # (BT, BC) P[p]
+        d = tl.zeros([BT, BC], dtype=tl.float32)
+        for j in tl.static_range(K):
+            t = rp - j  # a[t] read P[t + j] = P[p]
+            wj = tl.load(Wt + rc * K + j, mask=rc < C, other=0.0).to(tl.float32)
+            da = tl.load(DA + (b * T + t)[:, None] * C + rc[None, :], mask=((t >= 0) & (t < T))[:, None] & cm,
+                         other=0.0).to(tl.float32)
+            d += da * wj[None, :]
+            if j == 0:
+                w0 += da * P
+            elif j == 1:
+                w1 += da * P
+            elif j == 2:
+                w2 += da * P
+            else:
+                w3 += da * P
+        r = rp - (K - 1)  # row of x
+        tl.store(DX + (b * T + r)[:, None] * C + rc[None, :], d.to(DX.dtype.element_ty),
+                 mask=((r >= 0) & (r < T))[:, None] & cm)
+        tl.store(DHALO + (b * (K - 1) + rp)[:, None] * C + rc[None, :], d.to(DHALO.dtype.element_ty),
+                 mask=(rp < K - 1)[:, None] & cm)
+    base = DWP + ((b * tl.num_programs(1) + pb) * C + rc) * K  # (BC,) this program's share of dw
     for j in tl.static_range(K):
-        t = rp - j  # a[t] read P[t + j] = P[p]
-        wj = tl.load(Wt + rc * K + j, mask=rc < C, other=0.0).to(tl.float32)
-        da = tl.load(DA + (b * T + t)[:, None] * C + rc[None, :], mask=((t >= 0) & (t < T))[:, None] & cm, other=0.0)
-        d += da.to(tl.float32) * wj[None, :]
-    r = rp - (K - 1)  # row of x
-    tl.store(DX + (b * T + r)[:, None] * C + rc[None, :], d.to(DX.dtype.element_ty),
-             mask=((r >= 0) & (r < T))[:, None] & cm)
-    tl.store(DHALO + (b * (K - 1) + rp)[:, None] * C + rc[None, :], d.to(DHALO.dtype.element_ty),
-             mask=(rp < K - 1)[:, None] & cm)
+        if j == 0:
+            tl.store(base + j, tl.sum(w0, 0), mask=rc < C)
+        elif j == 1:
+            tl.store(base + j, tl.sum(w1, 0), mask=rc < C)
+        elif j == 2:
+            tl.store(base + j, tl.sum(w2, 0), mask=rc < C)
+        else:
+            tl.store(base + j, tl.sum(w3, 0), mask=rc < C)
 
 
 @torch.library.custom_op("atlas::conv_silu_fwd", mutates_args=())
@@ -104,12 +148,14 @@ def _(x, w, halo):
 @torch.library.custom_op("atlas::conv_silu_bwd", mutates_args=())
 def _conv_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, halo: torch.Tensor) -> list[torch.Tensor]:
     B, T, C = x.shape
-    K, NTB = w.shape[1], triton.cdiv(T, BT)
+    K = w.shape[1]
     da = torch.empty_like(x)
-    dwp = torch.empty(B * NTB, C, K, device=x.device, dtype=torch.float32)  # per-block shares of dw
-    _bwd_act[(B, NTB, triton.cdiv(C, BC))](x, halo, w, dy.contiguous(), da, dwp, T, C, NTB, K=K, BT=BT, BC=BC)
+    _bwd_act[(B, triton.cdiv(T, BT), triton.cdiv(C, BC))](x, halo, w, dy.contiguous(), da, T, C, K=K, BT=BT, BC=BC)
     dx, dhalo = torch.empty_like(x), torch.empty_like(halo)
-    _bwd_in[(B, triton.cdiv(K - 1 + T, BT), triton.cdiv(C, BC))](da, w, dx, dhalo, T, C, K=K, BT=BT, BC=BC)
+    nb = min(NB, triton.cdiv(K - 1 + T, BT))
+    n_prog = triton.cdiv(K - 1 + T, nb * BT)
+    dwp = torch.empty(B * n_prog, C, K, device=x.device, dtype=torch.float32)  # per-program shares of dw
+    _bwd_in[(B, n_prog, triton.cdiv(C, BC))](x, halo, da, w, dx, dhalo, dwp, T, C, K=K, BT=BT, BC=BC, NB=nb)
     return [dx, dwp.sum(0).to(w.dtype), dhalo]
 
 
