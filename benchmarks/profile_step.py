@@ -78,6 +78,18 @@ def kernels(step, iters: int = 3) -> dict:
             "top": [{"kernel": k[:100], "ms": ms} for k, ms in top]}
 
 
+def tuned() -> dict:
+    """The block shape and warps Triton's autotuner picked for each memory kernel it has run."""
+    from atlas.memory import triton_conv, triton_kernels
+    out = {}
+    for mod in (triton_kernels, triton_conv):
+        for name, fn in vars(mod).items():
+            best = getattr(fn, "best_config", None)
+            if best is not None:
+                out[name] = {**best.kwargs, "num_warps": best.num_warps}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/profile_step_h100.json")
@@ -98,7 +110,7 @@ def main() -> None:
     for name, over in variants.items():
         step = build_step(over, a.B, a.T, dev)
         ms = timed(step, warmup=5, reps=10)
-        row = {"overrides": over, "ms": ms, "tok_s": a.B * a.T / ms * 1e3, **kernels(step)}
+        row = {"overrides": over, "ms": ms, "tok_s": a.B * a.T / ms * 1e3, **kernels(step), "autotuned": tuned()}
         res["variants"][name] = row
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1) + "\n")
