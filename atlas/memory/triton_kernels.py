@@ -79,7 +79,7 @@ def _store(ptr, rows, cols, ld, ncols, x):
     tl.store(ptr + rows[:, None] * ld + cols[None, :], x.to(ptr.dtype.element_ty), mask=cols[None, :] < ncols)
 
 
-@triton.autotune(configs=_configs([16, 32], [4, 8]), key=["BL", "BK", "DV"], **_CACHE)
+@triton.autotune(configs=_configs([16, 32], [4]), key=["BL", "BK", "DV"], **_CACHE)
 @triton.jit(do_not_specialize=_ANY_LENGTH)
 def _fwd_state(K, V, GL, CS, LAST, REF, M0, S0, MS, SS, MOUT, SOUT, NSC, H, DK, DV, delta,
                BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -118,7 +118,7 @@ def _fwd_state(K, V, GL, CS, LAST, REF, M0, S0, MS, SS, MOUT, SOUT, NSC, H, DK, 
     tl.store(SOUT + bh * DV * DK + st, S, mask=sm)
 
 
-@triton.autotune(configs=_configs([16, 32, 64], [4, 8]), key=["BT", "BL", "BK", "DV"], **_CACHE)
+@triton.autotune(configs=_configs([32, 64], [4, 8]), key=["BT", "BL", "BK", "DV"], **_CACHE)
 @triton.jit(do_not_specialize=_ANY_LENGTH)
 def _fwd_out(Q, K, V, G, P, F, REF, MS, SS, Y, NSC, H, DK, DV, delta,
              BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -147,7 +147,7 @@ def _fwd_out(Q, K, V, G, P, F, REF, MS, SS, Y, NSC, H, DK, DV, delta,
     _store(Y, qrow, rv, DV, DV, y)
 
 
-@triton.autotune(configs=_configs([16, 32], [4, 8]), key=["BT", "BL", "BK", "DV"], **_CACHE)
+@triton.autotune(configs=_configs([16, 32], [4]), key=["BT", "BL", "BK", "DV"], **_CACHE)
 @triton.jit(do_not_specialize=_ANY_LENGTH)
 def _bwd_state(Q, K, V, G, P, F, GL, CS, LAST, REF, MS, DY, DMOUT, DSOUT, DME, DSE, DVB, DM0, DS0,
                NSC, H, DK, DV, delta, BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr,
@@ -203,7 +203,7 @@ def _bwd_state(Q, K, V, G, P, F, GL, CS, LAST, REF, MS, DY, DMOUT, DSOUT, DME, D
     tl.store(DS0 + bh * DV * DK + st, dS, mask=sm)
 
 
-@triton.autotune(configs=_configs([16, 32, 64], [4, 8]), key=["BT", "BL", "BK", "DV"], **_CACHE)
+@triton.autotune(configs=_configs([32, 64], [4, 8]), key=["BT", "BL", "BK", "DV"], **_CACHE)
 @triton.jit(do_not_specialize=_ANY_LENGTH)
 def _bwd_q(Q, K, V, G, P, F, REF, MS, SS, DY, DQ, DG, DA, DP, DF, NSC, H, DK, DV, delta,
            BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -243,7 +243,7 @@ def _bwd_q(Q, K, V, G, P, F, REF, MS, SS, DY, DQ, DG, DA, DP, DF, NSC, H, DK, DV
     tl.store(DF + g, df)
 
 
-@triton.autotune(configs=_configs([16, 32], [4, 8]), key=["BT", "BL", "BK", "DV"], **_CACHE)
+@triton.autotune(configs=_configs([32], [4, 8]), key=["BT", "BL", "BK", "DV"], **_CACHE)
 @triton.jit(do_not_specialize=_ANY_LENGTH)
 def _bwd_k(Q, K, V, GL, CS, REF, MS, SS, DME, DSE, DVB, DA, DKK, DGL, DCS, DLAST, NSC, H, DK, DV, delta,
            BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
