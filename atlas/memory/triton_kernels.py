@@ -100,8 +100,8 @@ def _fwd_state(K, V, GL, CS, LAST, REF, M0, S0, MS, SS, MOUT, SOUT, NSC, H, DK, 
         else:
             Mr = M
         o = (bh * NSC + s) * DV * DK
-        tl.store(MS + o + st, M, mask=sm)
-        tl.store(SS + o + st, S, mask=sm)
+        tl.store(MS + o + st, M.to(MS.dtype.element_ty), mask=sm)  # bf16 copies with bf16 q, k, v
+        tl.store(SS + o + st, S.to(SS.dtype.element_ty), mask=sm)
         krow = ((b * NSC + s) * BL + rl) * H + h  # (BL,) row index into K and V
         k = _tile(K, krow, rk, DK, DK)  # (BL, BK)
         E = tl.dot(k, tl.trans(Mr), input_precision=PREC) - _tile(V, krow, rv, DV, DV)  # (BL, BV)
@@ -134,15 +134,15 @@ def _fwd_out(Q, K, V, G, P, F, REF, MS, SS, Y, NSC, H, DK, DV, delta,
     q, k = _raw(Q, qrow, rk, DK, DK), _raw(K, krow, rk, DK, DK)  # (BT, BK), (BL, BK)
     g = (bh * NSC + s) * BT + rt
     A = _mm(q, tl.trans(k), PREC) * _tile(G, g, rl, BL, BL)  # (BT, BL)
-    q, k = q.to(tl.float32), k.to(tl.float32)  # products with the float32 states run at PREC
     o = (bh * NSC + s) * DV * DK
+    # the stored states are in q's dtype: bf16 products at full tensor-core rate
     Ms, Ss = _state(MS, o, rv, rk, DV, DK), _state(SS, o, rv, rk, DV, DK)  # (BV, BK)
     Mr = _state(MS, (bh * NSC + tl.load(REF + s)) * DV * DK, rv, rk, DV, DK)
-    E = tl.dot(k, tl.trans(Mr), input_precision=PREC) - _tile(V, krow, rv, DV, DV)  # (BL, BV)
+    E = _mm(k, tl.trans(Mr), PREC) - _tile(V, krow, rv, DV, DV)  # (BL, BV)
     if HUBER:
         E = tl.minimum(tl.maximum(E, -delta), delta)
-    y = (tl.load(P + g)[:, None] * tl.dot(q, tl.trans(Ms), input_precision=PREC)
-         + tl.load(F + g)[:, None] * tl.dot(q, tl.trans(Ss), input_precision=PREC)
+    y = (tl.load(P + g)[:, None] * _mm(q, tl.trans(Ms), PREC)
+         + tl.load(F + g)[:, None] * _mm(q, tl.trans(Ss), PREC)
          - tl.dot(A, E, input_precision=PREC))  # (BT, BV)
     _store(Y, qrow, rv, DV, DV, y)
 
@@ -167,8 +167,8 @@ def _bwd_state(Q, K, V, G, P, F, GL, CS, LAST, REF, MS, DY, DMOUT, DSOUT, DME, D
     for i in range(NSC):
         s = NSC - 1 - i
         o = (bh * NSC + s) * DV * DK
-        tl.store(DME + o + st, dM, mask=sm)
-        tl.store(DSE + o + st, dS, mask=sm)
+        tl.store(DME + o + st, dM.to(DME.dtype.element_ty), mask=sm)
+        tl.store(DSE + o + st, dS.to(DSE.dtype.element_ty), mask=sm)
         qrow = ((b * NSC + s) * BT + rt) * H + h
         krow = ((b * NSC + s) * BL + rl) * H + h
         # products of q, k, dY alone run in their own dtype; those with the carried cotangents at PREC
@@ -183,7 +183,7 @@ def _bwd_state(Q, K, V, G, P, F, GL, CS, LAST, REF, MS, DY, DMOUT, DSOUT, DME, D
               - tl.load(CS + gk)[:, None] * tl.dot(k32, tl.trans(dS), input_precision=PREC))  # (BL, BV)
         if HUBER:  # clamp passes the cotangent only where the error was inside [-delta, delta]
             Mr = _state(MS, (bh * NSC + tl.load(REF + s)) * DV * DK, rv, rk, DV, DK)
-            E0 = tl.dot(k32, tl.trans(Mr), input_precision=PREC) - _tile(V, krow, rv, DV, DV)
+            E0 = _mm(k, tl.trans(Mr), PREC) - _tile(V, krow, rv, DV, DV)
             dE = tl.where(tl.abs(E0) <= delta, dE, 0.0)
         _store(DVB, krow, rv, DV, DV, -dE)
         lo = (bh * NSC + s) * 3
@@ -216,7 +216,7 @@ def _bwd_q(Q, K, V, G, P, F, REF, MS, SS, DY, DQ, DG, DA, DP, DF, NSC, H, DK, DV
     rk, rl, rt = tl.arange(0, BK), tl.arange(0, BL), tl.arange(0, BT)
     qrow = ((b * NSC + s) * BT + rt) * H + h
     krow = ((b * NSC + s) * BL + rl) * H + h
-    q, k = _tile(Q, qrow, rk, DK, DK), _tile(K, krow, rk, DK, DK)  # (BT, BK), (BL, BK)
+    q, k = _raw(Q, qrow, rk, DK, DK), _raw(K, krow, rk, DK, DK)  # (BT, BK), (BL, BK)
     g = (bh * NSC + s) * BT + rt
     p, f = tl.load(P + g), tl.load(F + g)  # (BT,)
     dq = tl.zeros([BT, BK], dtype=tl.float32)
@@ -225,20 +225,20 @@ def _bwd_q(Q, K, V, G, P, F, REF, MS, SS, DY, DQ, DG, DA, DP, DF, NSC, H, DK, DV
     o, oref = (bh * NSC + s) * DV * DK, (bh * NSC + tl.load(REF + s)) * DV * DK
     for v0 in range(0, DV, BV):
         rv = v0 + tl.arange(0, BV)
-        Ms, Ss = _state(MS, o, rv, rk, DV, DK), _state(SS, o, rv, rk, DV, DK)  # (BV, BK)
+        Ms, Ss = _state(MS, o, rv, rk, DV, DK), _state(SS, o, rv, rk, DV, DK)  # (BV, BK), q's dtype
         dy = _tile(DY, qrow, rv, DV, DV)  # (BT, BV)
-        E = tl.dot(k, tl.trans(_state(MS, oref, rv, rk, DV, DK)), input_precision=PREC) - _tile(V, krow, rv, DV, DV)
+        E = _mm(k, tl.trans(_state(MS, oref, rv, rk, DV, DK)), PREC) - _tile(V, krow, rv, DV, DV)
         if HUBER:
             E = tl.minimum(tl.maximum(E, -delta), delta)
         dyE += tl.dot(dy, tl.trans(E), input_precision=PREC)
-        dp += tl.sum(dy * tl.dot(q, tl.trans(Ms), input_precision=PREC), 1)
-        df += tl.sum(dy * tl.dot(q, tl.trans(Ss), input_precision=PREC), 1)
-        dq += tl.dot(p[:, None] * dy, Ms, input_precision=PREC) + tl.dot(f[:, None] * dy, Ss, input_precision=PREC)
-    A = _mm(_raw(Q, qrow, rk, DK, DK), tl.trans(_raw(K, krow, rk, DK, DK)), PREC)  # (BT, BL)
+        dp += tl.sum(dy * _mm(q, tl.trans(Ms), PREC), 1)
+        df += tl.sum(dy * _mm(q, tl.trans(Ss), PREC), 1)
+        dq += _mm((p[:, None] * dy).to(Ms.dtype), Ms, PREC) + _mm((f[:, None] * dy).to(Ss.dtype), Ss, PREC)
+    A = _mm(q, tl.trans(k), PREC)  # (BT, BL)
     dA = -_tile(G, g, rl, BL, BL) * dyE
     _store(DG, g, rl, BL, BL, -A * dyE)
     _store(DA, g, rl, BL, BL, dA)
-    _store(DQ, qrow, rk, DK, DK, dq + tl.dot(dA, k, input_precision=PREC))
+    _store(DQ, qrow, rk, DK, DK, dq + tl.dot(dA, k.to(tl.float32), input_precision=PREC))
     tl.store(DP + g, dp)
     tl.store(DF + g, df)
 
@@ -255,7 +255,7 @@ def _bwd_k(Q, K, V, GL, CS, REF, MS, SS, DME, DSE, DVB, DA, DKK, DGL, DCS, DLAST
     b, h = bh // H, bh % H
     rk, rl, rt = tl.arange(0, BK), tl.arange(0, BL), tl.arange(0, BT)
     krow = ((b * NSC + s) * BL + rl) * H + h
-    k = _tile(K, krow, rk, DK, DK)  # (BL, BK)
+    k = _raw(K, krow, rk, DK, DK)  # (BL, BK)
     gk = (bh * NSC + s) * BL + rl
     gl, cs = tl.load(GL + gk), tl.load(CS + gk)  # (BL,)
     dk = tl.zeros([BL, BK], dtype=tl.float32)
@@ -264,20 +264,20 @@ def _bwd_k(Q, K, V, GL, CS, REF, MS, SS, DME, DSE, DVB, DA, DKK, DGL, DCS, DLAST
     o, oref = (bh * NSC + s) * DV * DK, (bh * NSC + tl.load(REF + s)) * DV * DK
     for v0 in range(0, DV, BV):
         rv = v0 + tl.arange(0, BV)
-        Mr = _state(MS, oref, rv, rk, DV, DK)  # (BV, BK)
+        Mr = _state(MS, oref, rv, rk, DV, DK)  # (BV, BK), q's dtype like every stored state
         dMe, dSe = _state(DME, o, rv, rk, DV, DK), _state(DSE, o, rv, rk, DV, DK)
-        Ms, Ss = _state(MS, o, rv, rk, DV, DK), _state(SS, o, rv, rk, DV, DK)
-        dpl += tl.sum(dMe * Ms, 0)  # M' = pl Ms + fl Ss + ...,  S' = pel Ss + ...
-        dfl += tl.sum(dMe * Ss, 0)
-        dpel += tl.sum(dSe * Ss, 0)
+        Ms, Ss = _state(MS, o, rv, rk, DV, DK).to(tl.float32), _state(SS, o, rv, rk, DV, DK).to(tl.float32)
+        dpl += tl.sum(dMe.to(tl.float32) * Ms, 0)  # M' = pl Ms + fl Ss + ...,  S' = pel Ss + ...
+        dfl += tl.sum(dMe.to(tl.float32) * Ss, 0)
+        dpel += tl.sum(dSe.to(tl.float32) * Ss, 0)
         dE = -_tile(DVB, krow, rv, DV, DV)  # (BL, BV) error cotangent, masked by Huber already
-        E = tl.dot(k, tl.trans(Mr), input_precision=PREC) - _tile(V, krow, rv, DV, DV)
+        E = _mm(k, tl.trans(Mr), PREC) - _tile(V, krow, rv, DV, DV)
         if HUBER:
             E = tl.minimum(tl.maximum(E, -delta), delta)
-        dgl -= tl.sum(E * tl.dot(k, tl.trans(dMe), input_precision=PREC), 1)
-        dcs -= tl.sum(E * tl.dot(k, tl.trans(dSe), input_precision=PREC), 1)
-        dk += (tl.dot(dE, Mr, input_precision=PREC) - tl.dot(gl[:, None] * E, dMe, input_precision=PREC)
-               - tl.dot(cs[:, None] * E, dSe, input_precision=PREC))
+        dgl -= tl.sum(E * _mm(k, tl.trans(dMe), PREC), 1)
+        dcs -= tl.sum(E * _mm(k, tl.trans(dSe), PREC), 1)
+        dk += (_mm(dE.to(Mr.dtype), Mr, PREC) - _mm((gl[:, None] * E).to(dMe.dtype), dMe, PREC)
+               - _mm((cs[:, None] * E).to(dSe.dtype), dSe, PREC))
     qrow = ((b * NSC + s) * BT + rt) * H + h
     dA = _tile(DA, (bh * NSC + s) * BT + rt, rl, BL, BL)  # (BT, BL)
     _store(DKK, krow, rk, DK, DK, dk + tl.dot(tl.trans(dA), _tile(Q, qrow, rk, DK, DK), input_precision=PREC))

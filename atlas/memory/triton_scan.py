@@ -186,6 +186,13 @@ def _gates_for(device):
 
 
 # --- the custom op ---------------------------------------------------------------------------
+def _stored(q):
+    """The dtype of the sub-chunk-start states kept for the parallel kernels and the backward: q's
+    when it is 16-bit (half the bytes, and bf16 products at full tensor-core rate), else float32.
+    The sequential passes carry M, S and their cotangents in float32 either way."""
+    return q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def _launch_args(q, k, Dv):
     B, NSC, BT, H, Dk = q.shape
     prec = "ieee" if q.dtype == torch.float32 else "tf32"  # bf16 data: tf32 keeps the float32 states' bits
@@ -200,7 +207,7 @@ def _scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, G: torch.Tensor
     """y (B, NSC, BT, H, Dv), final M and S (B, H, Dv, Dk), and the sub-chunk-start states
     Ms, Ss (B, H, NSC, Dv, Dk) the backward reads."""
     B, NSC, BT, BL, H, Dk, Dv, BK, prec = _launch_args(q, k, v.shape[-1])
-    Ms = M0.new_empty(B, H, NSC, Dv, Dk)
+    Ms = M0.new_empty(B, H, NSC, Dv, Dk, dtype=_stored(q))
     Ss, Mout, Sout = torch.empty_like(Ms), torch.empty_like(M0), torch.empty_like(S0)
     y = q.new_empty(B, NSC, BT, H, Dv)
     delta = huber or 0.0
@@ -216,7 +223,7 @@ def _scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, G: torch.Tensor
 @_scan_fwd.register_fake
 def _(q, k, v, G, P, f, gl, cs, last, ref, M0, S0, huber, big):
     B, NSC, BT, H, Dk = q.shape
-    Ms = M0.new_empty(B, H, NSC, v.shape[-1], Dk)
+    Ms = M0.new_empty(B, H, NSC, v.shape[-1], Dk, dtype=_stored(q))
     return q.new_empty(B, NSC, BT, H, v.shape[-1]), torch.empty_like(M0), torch.empty_like(S0), Ms, torch.empty_like(Ms)
 
 
@@ -259,8 +266,8 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dy, dM, dS, _dMs, _dSs):
     q, k, v, G, P, f, gl, cs, last, ref, Ms, Ss = ctx.saved_tensors
     dy = q.new_zeros(*q.shape[:-1], v.shape[-1]) if dy is None else dy  # (B, NSC, BT, H, Dv)
-    dM = torch.zeros_like(Ms[:, :, 0]) if dM is None else dM.contiguous()  # (B, H, Dv, Dk)
-    dS = torch.zeros_like(Ms[:, :, 0]) if dS is None else dS.contiguous()
+    dM = Ms.new_zeros(Ms[:, :, 0].shape, dtype=torch.float32) if dM is None else dM.contiguous()  # (B, H, Dv, Dk)
+    dS = Ms.new_zeros(Ms[:, :, 0].shape, dtype=torch.float32) if dS is None else dS.contiguous()
     grads = _scan_bwd(dy, dM, dS, q, k, v, G, P, f, gl, cs, last, ref, Ms, Ss, ctx.huber, ctx.big)
     return (*grads[:9], None, *grads[9:], None, None)
 
