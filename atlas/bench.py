@@ -173,15 +173,31 @@ def bench_layer(B, T, H, D, chunk, dtype, device, impls) -> dict:
     return out
 
 
+def build_model(cfg, device):
+    """AtlasLM(cfg.model) on device and its AdamW, as the model section times them."""
+    m = AtlasLM(cfg.model).to(device)
+    return m, torch.optim.AdamW(m.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+
+def train_step(model, opt, vocab_size: int, B: int, T: int, device):
+    """One training step (bf16 autocast forward, cross-entropy, backward, AdamW) on random tokens."""
+    idx = torch.randint(0, vocab_size, (B, T + 1), device=device)
+
+    def step():
+        torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits, _ = model(idx[:, :-1])
+        F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def bench_model(preset: str, overrides: list[str], B: int, T: int, device, compile_: bool, mode=None) -> dict:
     res = {}
     for name, extra in (("atlas", []), ("transformer", ["model.memory.enabled=false"])):
         cfg = load_config(preset, overrides + extra + [f"train.seq_len={T}"])
-
-        def build():
-            m = AtlasLM(cfg.model).to(device)
-            return m, torch.optim.AdamW(m.parameters(), lr=1e-4, fused=device.type == "cuda")
-        model, opt = build()
+        model, opt = build_model(cfg, device)
         is_compiled = False
         if compile_:
             try:  # fall back to eager (and say so) rather than lose the measurement
@@ -192,17 +208,9 @@ def bench_model(preset: str, overrides: list[str], B: int, T: int, device, compi
                 is_compiled = True
             except Exception as e:  # noqa: BLE001
                 res[f"{name}_compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                model, opt = build()
+                model, opt = build_model(cfg, device)
         res[f"{name}_compiled"] = is_compiled
-        idx = torch.randint(0, cfg.model.vocab_size, (B, T + 1), device=device)
-
-        def step():
-            torch.compiler.cudagraph_mark_step_begin()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits, _ = model(idx[:, :-1])
-            F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten()).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step = train_step(model, opt, cfg.model.vocab_size, B, T, device)
         ms = timed(step, warmup=3 if not compile_ else 5)
         tok_s = B * T / ms * 1e3
         res[f"{name}_ms"], res[f"{name}_tok_s"] = ms, tok_s

@@ -19,11 +19,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from atlas.bench import timed
+from atlas.bench import build_model, timed, train_step
 from atlas.config import load_config
-from atlas.model import AtlasLM
 
 SCAN = ("_fwd_state", "_fwd_out", "_bwd_state", "_bwd_q", "_bwd_k")
 
@@ -44,20 +42,12 @@ def group(kernel: str) -> str:
 
 
 def build_step(overrides: list[str], B: int, T: int, device):
+    """atlas bench's model step, compiled per block (no CUDA graphs: the profiler sees each kernel)."""
     cfg = load_config("atlas_300m_omega", ["model.memory.heads=8", "model.memory.impl=triton",
                                            f"train.seq_len={T}"] + overrides)
-    model = AtlasLM(cfg.model).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    model, opt = build_model(cfg, device)
     model.compile_blocks()
-    idx = torch.randint(0, cfg.model.vocab_size, (B, T + 1), device=device)
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits, _ = model(idx[:, :-1])
-        F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
+    return train_step(model, opt, cfg.model.vocab_size, B, T, device)
 
 
 def kernels(step, iters: int = 3) -> dict:

@@ -11,11 +11,9 @@ pytest.importorskip("triton", reason="the Triton conv needs the triton package")
 
 from atlas.memory.conv import conv_silu, conv_silu_torch  # noqa: E402
 
+from test_memory_scan import rel  # noqa: E402
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def both(B, T, C, K, dtype=torch.float32, seed=0):

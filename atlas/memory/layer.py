@@ -12,7 +12,7 @@ from ..config import MemoryConfig
 from .chunked import log_gates
 from .conv import conv_silu
 from .scan import memory_scan
-from .state import MemoryState, clamp_norm, newton_schulz5
+from .state import MemoryState, clamp_norm, last_rows, newton_schulz5
 from .step import Running, memory_step
 
 
@@ -78,8 +78,7 @@ class MemoryLayer(nn.Module):
         if self.conv is not None:
             K = self.conv.kernel_size[0]
             halo = state.conv if state is not None else qkv.new_zeros(B, K - 1, qkv.shape[-1])
-            # (B, K-1, C): the last K-1 rows of halo ++ qkv, for the next call
-            conv_state = torch.cat([halo.to(qkv.dtype)[:, min(T, K - 1):], qkv[:, max(0, T - (K - 1)):]], dim=1)
+            conv_state = last_rows(halo.to(qkv.dtype), qkv, K - 1)  # (B, K-1, C), for the next call
             # (B, T, C); the Triton kernels with the Triton scan
             qkv = conv_silu(qkv, self.conv.weight[:, 0], halo, triton=self.impl == "triton")
         else:

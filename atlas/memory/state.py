@@ -39,6 +39,13 @@ def apply_poly(x: torch.Tensor, poly: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
+def last_rows(halo: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
+    """The last n rows (dim 1) of halo ++ x, in halo's dtype, copying only those rows: the halo a
+    call hands to the next one (the Omega window's keys, the conv's inputs)."""
+    x = torch.cat([halo, x[:, max(0, x.shape[1] - n):].to(halo.dtype)], dim=1)
+    return x[:, x.shape[1] - n:]
+
+
 # Tokens per Triton kernel block (triton_scan.py): a longer chunk runs as blocks of this many
 # sharing the chunk-start memory. Here, not in triton_scan, so FLOP counts need no triton.
 SUB_CHUNK = 64

@@ -31,7 +31,7 @@ import triton
 from ..errors import UserError
 from . import triton_kernels as kern
 from .chunked import gate_products, log_gates, memory_scan_chunked
-from .state import SUB_CHUNK, MemoryState, apply_poly
+from .state import SUB_CHUNK, MemoryState, apply_poly, last_rows
 
 DECODE_T = 8  # calls shorter than this run `chunked`: the same function
 
@@ -322,8 +322,5 @@ def memory_scan_triton(q, k, v, alpha, eta, theta, gamma, *, chunk_size, window,
                               state.S.contiguous(), huber_delta, plan.big)
     y = y.view(B, -1, H, y.shape[-1])  # (B, NSC*BT, H, Dv)
     y = y if plan.identity else _Take.apply(y, plan.yidx, plan.qback)  # (B, T, H, Dv)
-
-    def tail(halo, x):  # the last W-1 raw rows of halo ++ x, in the state's dtype
-        x = torch.cat([halo, x[:, max(0, T - (W - 1)):].to(halo.dtype)], dim=1)
-        return x[:, x.shape[1] - (W - 1):]
-    return y, MemoryState(M=M, S=S, k=tail(state.k, k), v=tail(state.v, v), gamma=tail(state.gamma, gamma))
+    return y, MemoryState(M=M, S=S, k=last_rows(state.k, k, W - 1), v=last_rows(state.v, v, W - 1),
+                          gamma=last_rows(state.gamma, gamma, W - 1))
