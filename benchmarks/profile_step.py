@@ -50,7 +50,7 @@ def build_step(overrides: list[str], B: int, T: int, device):
     return train_step(model, opt, cfg.model.vocab_size, B, T, device)
 
 
-def kernels(step, iters: int = 3) -> dict:
+def kernels(step, iters: int = 3, top: int = 40) -> dict:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
@@ -63,7 +63,7 @@ def kernels(step, iters: int = 3) -> dict:
     groups = defaultdict(float)
     for name, ms in per.items():
         groups[group(name)] += ms
-    top = sorted(per.items(), key=lambda kv: -kv[1])[:40]
+    top = sorted(per.items(), key=lambda kv: -kv[1])[:top]
     return {"kernels_ms": sum(per.values()), "groups_ms": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
             "top": [{"kernel": k[:100], "ms": ms} for k, ms in top]}
 
@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--T", type=int, default=4096)
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VAL[,KEY=VAL]",
                     help="a model with these config overrides (repeatable)")
+    ap.add_argument("--top", type=int, default=40, help="how many kernels to list, by device time")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     dev = torch.device("cuda")
@@ -100,7 +101,7 @@ def main() -> None:
     for name, over in variants.items():
         step = build_step(over, a.B, a.T, dev)
         ms = timed(step, warmup=5, reps=10)
-        row = {"overrides": over, "ms": ms, "tok_s": a.B * a.T / ms * 1e3, **kernels(step), "autotuned": tuned()}
+        row = {"overrides": over, "ms": ms, "tok_s": a.B * a.T / ms * 1e3, **kernels(step, top=a.top), "autotuned": tuned()}
         res["variants"][name] = row
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1) + "\n")
