@@ -31,14 +31,15 @@ import triton
 import triton.language as tl
 
 
-def _configs(bvs, warps):
+def _configs(bvs, warps, stages=(1, 2, 3)):
     """A few block shapes for H100. One under the CPU interpreter, where timing means nothing, and
-    one with ATLAS_TRITON_TUNE=0 (tests on many small shapes: compile each once, not per config)."""
+    one with ATLAS_TRITON_TUNE=0 (tests on many small shapes: compile each once, not per config).
+    Configs that do not fit (shared memory) are skipped by the autotuner."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BV": 16}, num_warps=4)]
     if os.environ.get("ATLAS_TRITON_TUNE") == "0":
         return [triton.Config({"BV": 32}, num_warps=4, num_stages=2)]
-    return [triton.Config({"BV": bv}, num_warps=w, num_stages=2) for bv in bvs for w in warps]
+    return [triton.Config({"BV": bv}, num_warps=w, num_stages=n) for bv in bvs for w in warps for n in stages]
 
 
 # Triton >= 3.4 keeps autotune timings in its on-disk cache: a second process (the next training
@@ -260,7 +261,7 @@ def _bwd_q(Q, K, V, G, P, F, REF, MS, SS, DY, DQ, DG, DA, DP, DF, NSC, H, DK, DV
     tl.store(DF + g, df)
 
 
-@triton.autotune(configs=_configs([32], [4, 8]), key=["BT", "BL", "BK", "DV"], **_CACHE)
+@triton.autotune(configs=_configs([32, 64], [4, 8]), key=["BT", "BL", "BK", "DV"], **_CACHE)
 @triton.jit(do_not_specialize=_ANY_LENGTH)
 def _bwd_k(Q, K, V, GL, CS, REF, MS, SS, DME, DSE, DVB, DA, DKK, DGL, DCS, DLAST, NSC, H, DK, DV, delta,
            BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
