@@ -76,7 +76,7 @@ def tuned() -> dict:
         for name, fn in vars(mod).items():
             best = getattr(fn, "best_config", None)
             if best is not None:
-                out[name] = {**best.kwargs, "num_warps": best.num_warps}
+                out[name] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
     return out
 
 

@@ -1,0 +1,43 @@
+"""The memory layer of `atlas bench`'s scaling section timed at the given shapes, in the given
+order, in one process, with the scan kernels' autotuned picks. The autotuner keys hold no
+sequence length or batch, so the first shape's picks are reused for every later one: this shows
+what that costs.
+
+    python3 benchmarks/scaling_order.py --shapes 2x16384,1x32768,1x32768 --out results/x.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from atlas.bench import GRAPHS, compiled, fwd_bwd, memory_layer, timed
+from atlas.memory import triton_kernels
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="2x16384,1x32768,1x32768", help="BxT,BxT,... in order")
+    ap.add_argument("--out", default="benchmarks/results/scaling_order_h100.json")
+    a = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    dev, dt, H, D = torch.device("cuda"), torch.bfloat16, 8, 128
+    rows = []
+    for shape in a.shapes.split(","):
+        b, t = (int(x) for x in shape.split("x"))
+        x = torch.randn(b, t, H * D, device=dev, dtype=dt, requires_grad=True)
+        layer = compiled(memory_layer(H * D, H, "triton", 64, dt, dev), GRAPHS)
+        ms = timed(fwd_bwd(layer, (x,), layer.parameters()))
+        rows.append({"B": b, "T": t, "ms": ms})
+        print(f"B={b} T={t}: {ms:.2f} ms", flush=True)
+    picks = {n: str(f.best_config) for n, f in vars(triton_kernels).items() if getattr(f, "best_config", None)}
+    out = {"device": torch.cuda.get_device_name(), "command": "python3 benchmarks/scaling_order.py --shapes " + a.shapes,
+           "rows": rows, "autotuned": picks}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
