@@ -81,6 +81,8 @@ def check(ref, got, tol, gtol):
     (48, 16, 2, None, None, 64),  # every sub-chunk full: the end-of-sub-chunk row is one slice
     (32, 16, 1, None, None, 64),  # no halo, full sub-chunks of a power of two: no gathers at all
     (45, 20, 12, None, None, 16),  # a window longer than a sub-chunk: keys in up to 4 sub-chunks' rows
+    (50, 64, 2, None, None, 16),  # one partial chunk of several sub-chunks
+    (70, 32, 5, POLY, 0.2, 16),  # Huber and the polynomial map over chunks of several sub-chunks
 ])
 def test_triton_equals_chunked(T, chunk, W, poly, huber, sub, monkeypatch):
     monkeypatch.setattr(triton_scan, "SUB_CHUNK", sub)
