@@ -87,7 +87,7 @@ def scan_inputs(B, T, H, D, device, seed=0):
     return q, k, v, rnd(hi=0.1), rnd(lo=0.5), rnd(hi=0.1), rnd()
 
 
-def kernel_error(B, T, H, D, chunk, device) -> dict:
+def kernel_error(B, T, H, D, chunk, device, window: int = 1) -> dict:
     """||triton - chunked|| / ||chunked|| on random bf16 q, k, v (chunked computes in float32 from
     the same bf16 values), for y, the final M and S, and the gradients of q, k, v and theta."""
     from .memory import memory_scan
@@ -98,7 +98,7 @@ def kernel_error(B, T, H, D, chunk, device) -> dict:
         xs = [t.clone().float().requires_grad_(True) if impl == "chunked" else t.clone().requires_grad_(True)
               for t in (q, k, v)]
         th = gates[2].clone().requires_grad_(True)
-        y, st = memory_scan(*xs, gates[0], gates[1], th, gates[3], chunk_size=chunk, impl=impl)
+        y, st = memory_scan(*xs, gates[0], gates[1], th, gates[3], chunk_size=chunk, window=window, impl=impl)
         (y.float() * dy).sum().backward()
         outs[impl] = {"y": y, "M": st.M, "S": st.S, "dq": xs[0].grad, "dk": xs[1].grad, "dv": xs[2].grad, "dtheta": th.grad}
     return {n: ((outs["triton"][n].float() - r.float()).norm() / r.float().norm()).item()
@@ -277,6 +277,8 @@ def run(out_path: Path, smoke: bool, sections=SECTIONS, compile_model: bool = Tr
         result["layer"] = bench_layer(B, T, H, D, chunk, dtype, device, impls)
         if "triton" in impls:
             result["layer"]["triton_vs_chunked_rel_err"] = kernel_error(B, T, H, D, chunk, device)
+            # and at the 300M model's memory: chunks of 2048 over sub-chunks, Omega window 16
+            result["layer"]["triton_vs_chunked_rel_err_chunk2048_w16"] = kernel_error(B, T, H, D, 2048, device, 16)
         result["commands"]["layer"] = cmd
         save()
     if "scaling" in sections:
