@@ -75,6 +75,25 @@ def compiled(layer, mode=None):
 GRAPHS = "reduce-overhead"
 
 
+def layer_ms(B, T, H, D, impl, chunk, dtype, device, mode=None) -> float:
+    """Forward + backward of a fresh (compiled) memory layer on random (B, T, H*D) input, in ms."""
+    x = torch.randn(B, T, H * D, device=device, dtype=dtype, requires_grad=True)
+    layer = compiled(memory_layer(H * D, H, impl, chunk, dtype, device), mode)
+    return timed(fwd_bwd(layer, (x,), layer.parameters()))
+
+
+def autotune_picks() -> dict:
+    """The block shape, warps and stages Triton's autotuner picked for each memory kernel it has run."""
+    from .memory import triton_conv, triton_kernels
+    out = {}
+    for mod in (triton_kernels, triton_conv):
+        for name, fn in vars(mod).items():
+            best = getattr(fn, "best_config", None)
+            if best is not None:
+                out[name] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+    return out
+
+
 def scan_inputs(B, T, H, D, device, seed=0):
     """Random memory_scan inputs as a layer makes them: unit-norm bf16 q, k; bf16 v; float32 gates
     alpha (forget) < 0.1, eta (momentum) > 0.5, theta < 0.1, gamma in (0, 1)."""
@@ -288,9 +307,7 @@ def run(out_path: Path, smoke: bool, sections=SECTIONS, compile_model: bool = Tr
             # B=1 (the issue's series), and B*T fixed at the longest T's tokens (FlashAttention's
             # benchmarks do the same): per-token time without the fixed cost of a small call
             for rows, b in (("scaling", 1), ("scaling_fixed_tokens", max(1, Ts[-1] // t))):
-                x = torch.randn(b, t, H * D, device=device, dtype=dtype, requires_grad=True)
-                layer = compiled(memory_layer(H * D, H, best, chunk, dtype, device), mode)
-                ms = timed(fwd_bwd(layer, (x,), layer.parameters()))
+                ms = layer_ms(b, t, H, D, best, chunk, dtype, device, mode)
                 result[rows].append({"T": t, "B": b, "ms": ms, "us_per_token": ms / (b * t) * 1e3, "impl": best,
                                      "mode": mode or "compiled"})
         result["commands"]["scaling"] = cmd

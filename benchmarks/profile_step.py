@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from atlas.bench import build_model, timed, train_step
+from atlas.bench import autotune_picks, build_model, timed, train_step
 from atlas.config import load_config
 
 SCAN = ("_fwd_state", "_fwd_out", "_bwd_state", "_bwd_q", "_bwd_k")
@@ -63,21 +63,9 @@ def kernels(step, iters: int = 3, top: int = 40) -> dict:
     groups = defaultdict(float)
     for name, ms in per.items():
         groups[group(name)] += ms
-    top = sorted(per.items(), key=lambda kv: -kv[1])[:top]
+    slowest = sorted(per.items(), key=lambda kv: -kv[1])[:top]
     return {"kernels_ms": sum(per.values()), "groups_ms": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
-            "top": [{"kernel": k[:100], "ms": ms} for k, ms in top]}
-
-
-def tuned() -> dict:
-    """The block shape and warps Triton's autotuner picked for each memory kernel it has run."""
-    from atlas.memory import triton_conv, triton_kernels
-    out = {}
-    for mod in (triton_kernels, triton_conv):
-        for name, fn in vars(mod).items():
-            best = getattr(fn, "best_config", None)
-            if best is not None:
-                out[name] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
-    return out
+            "top": [{"kernel": k[:100], "ms": ms} for k, ms in slowest]}
 
 
 def main() -> None:
@@ -101,7 +89,8 @@ def main() -> None:
     for name, over in variants.items():
         step = build_step(over, a.B, a.T, dev)
         ms = timed(step, warmup=5, reps=10)
-        row = {"overrides": over, "ms": ms, "tok_s": a.B * a.T / ms * 1e3, **kernels(step, top=a.top), "autotuned": tuned()}
+        row = {"overrides": over, "ms": ms, "tok_s": a.B * a.T / ms * 1e3, **kernels(step, top=a.top),
+               "autotuned": autotune_picks()}
         res["variants"][name] = row
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1) + "\n")

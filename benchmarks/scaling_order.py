@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from atlas.bench import GRAPHS, compiled, fwd_bwd, memory_layer, timed
-from atlas.memory import triton_kernels
+from atlas.bench import GRAPHS, autotune_picks, layer_ms
 
 
 def main() -> None:
@@ -27,14 +26,11 @@ def main() -> None:
     rows = []
     for shape in a.shapes.split(","):
         b, t = (int(x) for x in shape.split("x"))
-        x = torch.randn(b, t, H * D, device=dev, dtype=dt, requires_grad=True)
-        layer = compiled(memory_layer(H * D, H, "triton", 64, dt, dev), GRAPHS)
-        ms = timed(fwd_bwd(layer, (x,), layer.parameters()))
+        ms = layer_ms(b, t, H, D, "triton", 64, dt, dev, GRAPHS)
         rows.append({"B": b, "T": t, "ms": ms})
         print(f"B={b} T={t}: {ms:.2f} ms", flush=True)
-    picks = {n: str(f.best_config) for n, f in vars(triton_kernels).items() if getattr(f, "best_config", None)}
     out = {"device": torch.cuda.get_device_name(), "command": "python3 benchmarks/scaling_order.py --shapes " + a.shapes,
-           "rows": rows, "autotuned": picks}
+           "rows": rows, "autotuned": autotune_picks()}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
 
