@@ -16,7 +16,9 @@ their cotangents dM', dS' are stored in bf16 too (the sequential passes carry M,
 float32 registers and round only the copies they store), so the parallel kernels multiply bf16
 by bf16 on the tensor cores instead of float32 at TF32 -- in the 300M step their time fell from
 19.5 to 9.6 ms with the error against `chunked` unchanged (benchmarks/README.md).
-Tensor layouts (all contiguous): Q, Y, dY (B, NSC, BT, H, D); K, V (B, NSC, BL, H, D);
+Tensor layouts (all contiguous): Q, Y, dY, dQ (B, T, H, D), read and written in place (sub-chunk s
+holds tokens QSTART[s] + r for r < QLEN[s]; its other BT - QLEN[s] rows are padding); K, V
+(B, NSC, BL, H, D);
 G (B, H, NSC, BT, BL); P, f (B, H, NSC, BT); gl, cs (B, H, NSC, BL); LAST = (pl, fl, pel)
 (B, H, NSC, 3); states M0, S0 (B, H, Dv, Dk) float32; per-sub-chunk states (B, H, NSC, Dv, Dk)
 in q's dtype (float32 for float32 q);
@@ -54,6 +56,7 @@ _CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.
 # the number of sub-chunks follows T: left unspecialised, a new sequence length (every prefill
 # piece, every TNT stage) reuses the compiled kernel instead of compiling it again
 _ANY_LENGTH = ["NSC"]
+_ANY_T = ["NSC", "T"]  # and the tokens, for kernels that read queries in place
 
 
 @triton.jit
@@ -82,6 +85,24 @@ def _mm(a, b, PREC: tl.constexpr):
 def _state(ptr, base, rv, rk, DV, DK):
     """Load the (BV, BK) tile at rows rv of the (Dv, Dk) float32 state starting at ptr + base."""
     return tl.load(ptr + base + rv[:, None] * DK + rk[None, :], mask=(rv[:, None] < DV) & (rk[None, :] < DK), other=0.0)
+
+
+@triton.jit
+def _qrows(QSTART, QLEN, b, s, rt, T, H, h):
+    """Sub-chunk s's query rows in the (B, T, H, D) token layout, and which of its BT rows are
+    real tokens (the rest is padding: loads read zeros, stores skip it)."""
+    return (b * T + tl.load(QSTART + s) + rt) * H + h, rt < tl.load(QLEN + s)
+
+
+@triton.jit
+def _rraw(ptr, rows, ok, cols, ld, ncols):
+    """_raw on the rows where ok (zeros elsewhere)."""
+    return tl.load(ptr + rows[:, None] * ld + cols[None, :], mask=ok[:, None] & (cols[None, :] < ncols), other=0.0)
+
+
+@triton.jit
+def _rstore(ptr, rows, ok, cols, ld, ncols, x):
+    tl.store(ptr + rows[:, None] * ld + cols[None, :], x.to(ptr.dtype.element_ty), mask=ok[:, None] & (cols[None, :] < ncols))
 
 
 @triton.jit
@@ -141,8 +162,8 @@ def _fwd_state(K, V, GL, CS, LAST, REF, M0, S0, MS, SS, MOUT, SOUT, NSC, H, DK, 
 
 
 @triton.autotune(configs=_configs([32, 64], [4, 8]), key=["BT", "BL", "BK", "DV"], **_CACHE)
-@triton.jit(do_not_specialize=_ANY_LENGTH)
-def _fwd_out(Q, K, V, G, P, F, REF, MS, SS, Y, NSC, H, DK, DV, delta,
+@triton.jit(do_not_specialize=_ANY_T)
+def _fwd_out(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, Y, NSC, T, H, DK, DV, delta,
              BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
              HUBER: tl.constexpr, PREC: tl.constexpr):
     """Y of one sub-chunk and one Dv tile. Grid (NSC, B*H, Dv/BV)."""
@@ -151,9 +172,9 @@ def _fwd_out(Q, K, V, G, P, F, REF, MS, SS, Y, NSC, H, DK, DV, delta,
     b, h = bh // H, bh % H
     rv = tl.program_id(2) * BV + tl.arange(0, BV)
     rk, rl, rt = tl.arange(0, BK), tl.arange(0, BL), tl.arange(0, BT)
-    qrow = ((b * NSC + s) * BT + rt) * H + h
+    qrow, qok = _qrows(QSTART, QLEN, b, s, rt, T, H, h)
     krow = ((b * NSC + s) * BL + rl) * H + h
-    q, k = _raw(Q, qrow, rk, DK, DK), _raw(K, krow, rk, DK, DK)  # (BT, BK), (BL, BK)
+    q, k = _rraw(Q, qrow, qok, rk, DK, DK), _raw(K, krow, rk, DK, DK)  # (BT, BK), (BL, BK)
     g = (bh * NSC + s) * BT + rt
     A = _mm(q, tl.trans(k), PREC) * _tile(G, g, rl, BL, BL)  # (BT, BL)
     o = (bh * NSC + s) * DV * DK
@@ -166,13 +187,13 @@ def _fwd_out(Q, K, V, G, P, F, REF, MS, SS, Y, NSC, H, DK, DV, delta,
     y = (tl.load(P + g)[:, None] * _mm(q, tl.trans(Ms), PREC)
          + tl.load(F + g)[:, None] * _mm(q, tl.trans(Ss), PREC)
          - tl.dot(A, E, input_precision=PREC))  # (BT, BV)
-    _store(Y, qrow, rv, DV, DV, y)
+    _rstore(Y, qrow, qok, rv, DV, DV, y)
 
 
 @triton.autotune(configs=_configs([16, 32], [4]), key=["BT", "BL", "BK", "DV"], **_CACHE)
-@triton.jit(do_not_specialize=_ANY_LENGTH)
-def _bwd_state(Q, K, V, G, P, F, GL, CS, LAST, REF, MS, DY, DMOUT, DSOUT, DME, DSE, DVB, DM0, DS0,
-               NSC, H, DK, DV, delta, BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr,
+@triton.jit(do_not_specialize=_ANY_T)
+def _bwd_state(Q, K, V, G, P, F, GL, CS, LAST, REF, QSTART, QLEN, MS, DY, DMOUT, DSOUT, DME, DSE, DVB, DM0, DS0,
+               NSC, T, H, DK, DV, delta, BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr,
                BV: tl.constexpr, HUBER: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr):
     """Reverse pass over sub-chunks: store the cotangents dM', dS' of each sub-chunk's end states
     and dV (= minus the error cotangent); return dM0, dS0.
@@ -191,12 +212,12 @@ def _bwd_state(Q, K, V, G, P, F, GL, CS, LAST, REF, MS, DY, DMOUT, DSOUT, DME, D
         o = (bh * NSC + s) * DV * DK
         tl.store(DME + o + st, dM.to(DME.dtype.element_ty), mask=sm)
         tl.store(DSE + o + st, dS.to(DSE.dtype.element_ty), mask=sm)
-        qrow = ((b * NSC + s) * BT + rt) * H + h
+        qrow, qok = _qrows(QSTART, QLEN, b, s, rt, T, H, h)
         krow = ((b * NSC + s) * BL + rl) * H + h
         # products of q, k, dY alone run in their own dtype; those with the carried cotangents at PREC
-        q, k = _raw(Q, qrow, rk, DK, DK), _raw(K, krow, rk, DK, DK)  # (BT, BK), (BL, BK)
+        q, k = _rraw(Q, qrow, qok, rk, DK, DK), _raw(K, krow, rk, DK, DK)  # (BT, BK), (BL, BK)
         k32 = k.to(tl.float32)
-        dy = _raw(DY, qrow, rv, DV, DV)  # (BT, BV)
+        dy = _rraw(DY, qrow, qok, rv, DV, DV)  # (BT, BV), zero on padded rows
         g = (bh * NSC + s) * BT + rt
         A = _mm(q, tl.trans(k), PREC) * _tile(G, g, rl, BL, BL)  # (BT, BL)
         gk = (bh * NSC + s) * BL + rl
@@ -226,8 +247,8 @@ def _bwd_state(Q, K, V, G, P, F, GL, CS, LAST, REF, MS, DY, DMOUT, DSOUT, DME, D
 
 
 @triton.autotune(configs=_configs([32, 64], [4, 8]), key=["BT", "BL", "BK", "DV"], **_CACHE)
-@triton.jit(do_not_specialize=_ANY_LENGTH)
-def _bwd_q(Q, K, V, G, P, F, REF, MS, SS, DY, DQ, DG, DA, DP, DF, NSC, H, DK, DV, delta,
+@triton.jit(do_not_specialize=_ANY_T)
+def _bwd_q(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, DY, DQ, DG, DA, DP, DF, NSC, T, H, DK, DV, delta,
            BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
            HUBER: tl.constexpr, PREC: tl.constexpr):
     """Query-side gradients of one sub-chunk (dQ, dG, dP, df) and dA, the cotangent of Q K^T that
@@ -236,9 +257,9 @@ def _bwd_q(Q, K, V, G, P, F, REF, MS, SS, DY, DQ, DG, DA, DP, DF, NSC, H, DK, DV
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     rk, rl, rt = tl.arange(0, BK), tl.arange(0, BL), tl.arange(0, BT)
-    qrow = ((b * NSC + s) * BT + rt) * H + h
+    qrow, qok = _qrows(QSTART, QLEN, b, s, rt, T, H, h)
     krow = ((b * NSC + s) * BL + rl) * H + h
-    q, k = _raw(Q, qrow, rk, DK, DK), _raw(K, krow, rk, DK, DK)  # (BT, BK), (BL, BK)
+    q, k = _rraw(Q, qrow, qok, rk, DK, DK), _raw(K, krow, rk, DK, DK)  # (BT, BK), (BL, BK)
     g = (bh * NSC + s) * BT + rt
     p, f = tl.load(P + g), tl.load(F + g)  # (BT,)
     dq = tl.zeros([BT, BK], dtype=tl.float32)
@@ -248,7 +269,7 @@ def _bwd_q(Q, K, V, G, P, F, REF, MS, SS, DY, DQ, DG, DA, DP, DF, NSC, H, DK, DV
     for v0 in range(0, DV, BV):
         rv = v0 + tl.arange(0, BV)
         Ms, Ss = _state(MS, o, rv, rk, DV, DK), _state(SS, o, rv, rk, DV, DK)  # (BV, BK), q's dtype
-        dy = _tile(DY, qrow, rv, DV, DV)  # (BT, BV)
+        dy = _rraw(DY, qrow, qok, rv, DV, DV).to(tl.float32)  # (BT, BV), zero on padded rows
         E = _mm(k, tl.trans(_state(MS, oref, rv, rk, DV, DK)), PREC) - _tile(V, krow, rv, DV, DV)
         if HUBER:
             E = tl.minimum(tl.maximum(E, -delta), delta)
@@ -260,14 +281,15 @@ def _bwd_q(Q, K, V, G, P, F, REF, MS, SS, DY, DQ, DG, DA, DP, DF, NSC, H, DK, DV
     dA = -_tile(G, g, rl, BL, BL) * dyE
     _store(DG, g, rl, BL, BL, -A * dyE)
     _store(DA, g, rl, BL, BL, dA)
-    _store(DQ, qrow, rk, DK, DK, dq + tl.dot(dA, k.to(tl.float32), input_precision=PREC))
+    _rstore(DQ, qrow, qok, rk, DK, DK, dq + tl.dot(dA, k.to(tl.float32), input_precision=PREC))
     tl.store(DP + g, dp)
     tl.store(DF + g, df)
 
 
 @triton.autotune(configs=_configs([32, 64], [4, 8], (1, 2, 3)), key=["BT", "BL", "BK", "DV"], **_CACHE)
-@triton.jit(do_not_specialize=_ANY_LENGTH)
-def _bwd_k(Q, K, V, GL, CS, REF, MS, SS, DME, DSE, DVB, DA, DKK, DGL, DCS, DLAST, NSC, H, DK, DV, delta,
+@triton.jit(do_not_specialize=_ANY_T)
+def _bwd_k(Q, K, V, GL, CS, REF, QSTART, QLEN, MS, SS, DME, DSE, DVB, DA, DKK, DGL, DCS, DLAST, NSC, T, H, DK, DV,
+           delta,
            BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
            HUBER: tl.constexpr, PREC: tl.constexpr):
     """Key-side gradients of one sub-chunk (dK, dgl, dcs) and those of its end factors (pl, fl, pel),
@@ -300,9 +322,10 @@ def _bwd_k(Q, K, V, GL, CS, REF, MS, SS, DME, DSE, DVB, DA, DKK, DGL, DCS, DLAST
         dcs -= tl.sum(E * _mm(k, tl.trans(dSe), PREC), 1)
         dk += (_mm(dE.to(Mr.dtype), Mr, PREC) - _mm((gl[:, None] * E).to(dMe.dtype), dMe, PREC)
                - _mm((cs[:, None] * E).to(dSe.dtype), dSe, PREC))
-    qrow = ((b * NSC + s) * BT + rt) * H + h
+    qrow, qok = _qrows(QSTART, QLEN, b, s, rt, T, H, h)
     dA = _tile(DA, (bh * NSC + s) * BT + rt, rl, BL, BL)  # (BT, BL)
-    _store(DKK, krow, rk, DK, DK, dk + tl.dot(tl.trans(dA), _tile(Q, qrow, rk, DK, DK), input_precision=PREC))
+    q = _rraw(Q, qrow, qok, rk, DK, DK).to(tl.float32)
+    _store(DKK, krow, rk, DK, DK, dk + tl.dot(tl.trans(dA), q, input_precision=PREC))
     tl.store(DGL + gk, dgl)
     tl.store(DCS + gk, dcs)
     lo = (bh * NSC + s) * 3

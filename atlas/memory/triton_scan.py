@@ -11,6 +11,9 @@ into sub-chunks whose errors all use the memory at the *chunk* start (the kernel
 chunk 2048 is the same function at the cost of chunk 64. Every (sub-)chunk is padded to BT rows
 (a power of two) with inert gates (alpha = 0, eta = 1, theta = 0) and gamma = 0 on padded keys,
 so padding changes nothing, and the end-of-sub-chunk factors are read at its last real row.
+Queries, y and their gradients stay in the (B, T, H, D) token layout: the kernels read and write
+a sub-chunk's rows in place, masking the padding; keys and values are gathered into sub-chunks
+with their window halo.
 
 Not in the kernels (they fall back to `chunked` with a warning): muon, max_norm, float64 inputs,
 Dk > 128, and windows longer than SUB_CHUNK tokens. A window W > 1 shortens sub-chunks to
@@ -42,18 +45,19 @@ class _Plan:
     NSC: int  # sub-chunks
     BT: int  # query rows per sub-chunk (padded)
     BL: int  # key rows per sub-chunk: W-1 halo rows, then the sub-chunk's own (padded)
-    identity: bool  # the layout is a plain reshape: no gathers needed
+    identity: bool  # the key layout is a plain reshape: no gathers needed
     big: bool  # some chunk spans several sub-chunks
     last_row: Union[int, None]  # the last real row, where it is the same in every sub-chunk
     qidx: torch.Tensor  # (NSC*BT,) token of each query row (0 on padding)
     qpad: torch.Tensor  # (NSC, BT) True on padded query rows
     kidx: torch.Tensor  # (NSC*BL,) halo-coordinate row of each key row (0 on padding)
     kpad: torch.Tensor  # (NSC, BL)
-    yidx: torch.Tensor  # (T,) row of each token in the flattened (NSC*BT) layout
-    # the gathers' backward as gathers too (index_select's own backward is an atomic index_add,
-    # 5% of the 300M step at window 16): each row's token, T on padding (a zero row) ...
-    qback: torch.Tensor  # (1, NSC*BT)
-    kback: torch.Tensor  # (copies, W-1+T) every key row holding each halo-coordinate row, NSC*BL if none
+    start: torch.Tensor  # (NSC,) int32 first token of each sub-chunk: the kernels read queries in place
+    qlen: torch.Tensor  # (NSC,) int32 its tokens
+    # the key gathers' backward as gathers too (index_select's own backward is an atomic
+    # index_add, 5% of the 300M step at window 16): every key row holding each halo-coordinate
+    # row, NSC*BL (a zero row) if none
+    kback: torch.Tensor  # (copies, W-1+T)
     last: torch.Tensor  # (NSC,) last real row of each sub-chunk
     ref: torch.Tensor  # (NSC,) int32 first sub-chunk of each sub-chunk's chunk
 
@@ -94,7 +98,6 @@ def _make_plan(T: int, chunk: int, W: int, sub: int, device: torch.device) -> _P
     kpad = [[r >= n + W - 1 for r in range(BL)] for n in lens]  # (NSC, BL)
     qidx = [0 if p else s + r for s, pads in zip(starts, qpad) for r, p in enumerate(pads)]
     kidx = [0 if p else s + r for s, pads in zip(starts, kpad) for r, p in enumerate(pads)]
-    yidx = [i * BT + r for i, n in enumerate(lens) for r in range(n)]  # (T,)
     # a key row sits in its own sub-chunk and in the halo of the next ones: ceil((W-1)/bs) + 1 copies
     holders = [[] for _ in range(W - 1 + T)]
     for r, (i, p) in enumerate(zip(kidx, (p for pads in kpad for p in pads))):
@@ -102,7 +105,6 @@ def _make_plan(T: int, chunk: int, W: int, sub: int, device: torch.device) -> _P
             holders[i].append(r)
     copies = max(len(h) for h in holders) if holders else 1
     kback = [[h[c] if c < len(h) else len(kidx) for h in holders] for c in range(copies)]
-    qback = [[T if p else t for t, p in zip(qidx, (p for pads in qpad for p in pads))]]
     identity = BT == bs and BL == bs and T % bs == 0 and chunk % bs == 0
     full = T % chunk == 0 and chunk % bs == 0  # every sub-chunk ends at row bs - 1
 
@@ -110,8 +112,8 @@ def _make_plan(T: int, chunk: int, W: int, sub: int, device: torch.device) -> _P
         return torch.tensor(x, dtype=dtype, device=device)
     return _Plan(len(starts), BT, BL, identity, big=bs < chunk and T > bs, last_row=bs - 1 if full else None,
                  qidx=dev(qidx), qpad=dev(qpad, torch.bool), kidx=dev(kidx), kpad=dev(kpad, torch.bool),
-                 yidx=dev(yidx), qback=dev(qback), kback=dev(kback), last=dev([n - 1 for n in lens]),
-                 ref=dev(ref, torch.int32))
+                 start=dev(starts, torch.int32), qlen=dev(lens, torch.int32), kback=dev(kback),
+                 last=dev([n - 1 for n in lens]), ref=dev(ref, torch.int32))
 
 
 class _Take(torch.autograd.Function):
@@ -136,8 +138,8 @@ class _Take(torch.autograd.Function):
 
 def _rows(x, idx, plan, rows, back=None):
     """(B, N, ...) -> (B, NSC, rows, ...): the rows each sub-chunk reads, in the padded layout.
-    back: the gather's inverse (plan.yidx[None] for queries, plan.kback for keys) for a
-    gradient without atomics; None takes index_select's own (small float32 gate tensors)."""
+    back: the gather's inverse (plan.kback for keys) for a gradient without atomics; None takes
+    index_select's own (small float32 gate tensors)."""
     if plan.identity:
         return x.reshape(x.shape[0], plan.NSC, rows, *x.shape[2:])
     taken = x.index_select(1, idx) if back is None else _Take.apply(x, idx, back)
@@ -193,83 +195,85 @@ def _stored(q):
     return q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
-def _launch_args(q, k, Dv):
-    B, NSC, BT, H, Dk = q.shape
+def _launch_args(q, k, P, Dv):
+    B, T, H, Dk = q.shape
+    NSC, BT = P.shape[2:]
     prec = "ieee" if q.dtype == torch.float32 else "tf32"  # bf16 data: tf32 keeps the float32 states' bits
-    return B, NSC, BT, k.shape[2], H, Dk, Dv, triton.next_power_of_2(max(Dk, 16)), prec
+    return B, T, NSC, BT, k.shape[2], H, Dk, Dv, triton.next_power_of_2(max(Dk, 16)), prec
 
 
 @torch.library.custom_op("atlas::memory_scan_fwd", mutates_args=())
 def _scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, G: torch.Tensor, P: torch.Tensor,
               f: torch.Tensor, gl: torch.Tensor, cs: torch.Tensor, last: torch.Tensor, ref: torch.Tensor,
-              M0: torch.Tensor, S0: torch.Tensor, huber: Optional[float], big: bool
+              start: torch.Tensor, qlen: torch.Tensor, M0: torch.Tensor, S0: torch.Tensor,
+              huber: Optional[float], big: bool
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y (B, NSC, BT, H, Dv), final M and S (B, H, Dv, Dk), and the sub-chunk-start states
+    """y (B, T, H, Dv), final M and S (B, H, Dv, Dk), and the sub-chunk-start states
     Ms, Ss (B, H, NSC, Dv, Dk) the backward reads."""
-    B, NSC, BT, BL, H, Dk, Dv, BK, prec = _launch_args(q, k, v.shape[-1])
+    B, T, NSC, BT, BL, H, Dk, Dv, BK, prec = _launch_args(q, k, P, v.shape[-1])
     Ms = M0.new_empty(B, H, NSC, Dv, Dk, dtype=_stored(q))
     Ss, Mout, Sout = torch.empty_like(Ms), torch.empty_like(M0), torch.empty_like(S0)
-    y = q.new_empty(B, NSC, BT, H, Dv)
+    y = q.new_empty(B, T, H, Dv)
     delta = huber or 0.0
     kern._fwd_state[lambda m: (B * H, triton.cdiv(Dv, m["BV"]))](
         k, v, gl, cs, last, ref, M0, S0, Ms, Ss, Mout, Sout, NSC, H, Dk, Dv, delta,
         BL=BL, BK=BK, HUBER=huber is not None, BIG=big, PREC=prec)
     kern._fwd_out[lambda m: (NSC, B * H, triton.cdiv(Dv, m["BV"]))](
-        q, k, v, G, P, f, ref, Ms, Ss, y, NSC, H, Dk, Dv, delta,
+        q, k, v, G, P, f, ref, start, qlen, Ms, Ss, y, NSC, T, H, Dk, Dv, delta,
         BT=BT, BL=BL, BK=BK, HUBER=huber is not None, PREC=prec)
     return y, Mout, Sout, Ms, Ss
 
 
 @_scan_fwd.register_fake
-def _(q, k, v, G, P, f, gl, cs, last, ref, M0, S0, huber, big):
-    B, NSC, BT, H, Dk = q.shape
-    Ms = M0.new_empty(B, H, NSC, v.shape[-1], Dk, dtype=_stored(q))
-    return q.new_empty(B, NSC, BT, H, v.shape[-1]), torch.empty_like(M0), torch.empty_like(S0), Ms, torch.empty_like(Ms)
+def _(q, k, v, G, P, f, gl, cs, last, ref, start, qlen, M0, S0, huber, big):
+    B, T, H, Dk = q.shape
+    Ms = M0.new_empty(B, H, P.shape[2], v.shape[-1], Dk, dtype=_stored(q))
+    return q.new_empty(B, T, H, v.shape[-1]), torch.empty_like(M0), torch.empty_like(S0), Ms, torch.empty_like(Ms)
 
 
 @torch.library.custom_op("atlas::memory_scan_bwd", mutates_args=())
 def _scan_bwd(dy: torch.Tensor, dM: torch.Tensor, dS: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor, G: torch.Tensor, P: torch.Tensor, f: torch.Tensor, gl: torch.Tensor,
-              cs: torch.Tensor, last: torch.Tensor, ref: torch.Tensor, Ms: torch.Tensor, Ss: torch.Tensor,
-              huber: Optional[float], big: bool) -> list[torch.Tensor]:
+              cs: torch.Tensor, last: torch.Tensor, ref: torch.Tensor, start: torch.Tensor, qlen: torch.Tensor,
+              Ms: torch.Tensor, Ss: torch.Tensor, huber: Optional[float], big: bool) -> list[torch.Tensor]:
     """Gradients of (q, k, v, G, P, f, gl, cs, last, M0, S0) given those of (y, M, S)."""
-    B, NSC, BT, BL, H, Dk, Dv, BK, prec = _launch_args(q, k, v.shape[-1])
+    B, T, NSC, BT, BL, H, Dk, Dv, BK, prec = _launch_args(q, k, P, v.shape[-1])
     dy = dy.contiguous()
     dMe, dSe = torch.empty_like(Ms), torch.empty_like(Ss)
     dM0, dS0 = torch.empty_like(dM), torch.empty_like(dS)
     dv = torch.empty_like(v)
     delta, hub = huber or 0.0, huber is not None
     kern._bwd_state[lambda m: (B * H, triton.cdiv(Dv, m["BV"]))](
-        q, k, v, G, P, f, gl, cs, last, ref, Ms, dy, dM, dS, dMe, dSe, dv, dM0, dS0,
-        NSC, H, Dk, Dv, delta, BT=BT, BL=BL, BK=BK, HUBER=hub, BIG=big, PREC=prec)
+        q, k, v, G, P, f, gl, cs, last, ref, start, qlen, Ms, dy, dM, dS, dMe, dSe, dv, dM0, dS0,
+        NSC, T, H, Dk, Dv, delta, BT=BT, BL=BL, BK=BK, HUBER=hub, BIG=big, PREC=prec)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dG, dA, dP, df, dgl, dcs, dlast = (torch.empty_like(x) for x in (G, G, P, f, gl, cs, last))
-    kern._bwd_q[(NSC, B * H)](q, k, v, G, P, f, ref, Ms, Ss, dy, dq, dG, dA, dP, df, NSC, H, Dk, Dv, delta,
-                              BT=BT, BL=BL, BK=BK, HUBER=hub, PREC=prec)
-    kern._bwd_k[(NSC, B * H)](q, k, v, gl, cs, ref, Ms, Ss, dMe, dSe, dv, dA, dk, dgl, dcs, dlast,
-                              NSC, H, Dk, Dv, delta, BT=BT, BL=BL, BK=BK, HUBER=hub, PREC=prec)
+    kern._bwd_q[(NSC, B * H)](q, k, v, G, P, f, ref, start, qlen, Ms, Ss, dy, dq, dG, dA, dP, df, NSC, T, H, Dk, Dv,
+                              delta, BT=BT, BL=BL, BK=BK, HUBER=hub, PREC=prec)
+    kern._bwd_k[(NSC, B * H)](q, k, v, gl, cs, ref, start, qlen, Ms, Ss, dMe, dSe, dv, dA, dk, dgl, dcs, dlast,
+                              NSC, T, H, Dk, Dv, delta, BT=BT, BL=BL, BK=BK, HUBER=hub, PREC=prec)
     return [dq, dk, dv, dG, dP, df, dgl, dcs, dlast, dM0, dS0]
 
 
 @_scan_bwd.register_fake
-def _(dy, dM, dS, q, k, v, G, P, f, gl, cs, last, ref, Ms, Ss, huber, big):
+def _(dy, dM, dS, q, k, v, G, P, f, gl, cs, last, ref, start, qlen, Ms, Ss, huber, big):
     return [torch.empty_like(x) for x in (q, k, v, G, P, f, gl, cs, last, dM, dS)]
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, G, P, f, gl, cs, last, ref, M0, S0, huber, big = inputs
-    ctx.save_for_backward(q, k, v, G, P, f, gl, cs, last, ref, output[3], output[4])
+    q, k, v, G, P, f, gl, cs, last, ref, start, qlen, M0, S0, huber, big = inputs
+    ctx.save_for_backward(q, k, v, G, P, f, gl, cs, last, ref, start, qlen, output[3], output[4])
     ctx.huber, ctx.big = huber, big
     ctx.set_materialize_grads(False)  # no zero-filled cotangents for Ms, Ss (two 67 MB memsets at 4K tokens)
 
 
 def _backward(ctx, dy, dM, dS, _dMs, _dSs):
-    q, k, v, G, P, f, gl, cs, last, ref, Ms, Ss = ctx.saved_tensors
-    dy = q.new_zeros(*q.shape[:-1], v.shape[-1]) if dy is None else dy  # (B, NSC, BT, H, Dv)
+    q, k, v, G, P, f, gl, cs, last, ref, start, qlen, Ms, Ss = ctx.saved_tensors
+    dy = q.new_zeros(*q.shape[:-1], v.shape[-1]) if dy is None else dy  # (B, T, H, Dv)
     dM = Ms.new_zeros(Ms[:, :, 0].shape, dtype=torch.float32) if dM is None else dM.contiguous()  # (B, H, Dv, Dk)
     dS = Ms.new_zeros(Ms[:, :, 0].shape, dtype=torch.float32) if dS is None else dS.contiguous()
-    grads = _scan_bwd(dy, dM, dS, q, k, v, G, P, f, gl, cs, last, ref, Ms, Ss, ctx.huber, ctx.big)
-    return (*grads[:9], None, *grads[9:], None, None)
+    grads = _scan_bwd(dy, dM, dS, q, k, v, G, P, f, gl, cs, last, ref, start, qlen, Ms, Ss, ctx.huber, ctx.big)
+    return (*grads[:9], None, None, None, *grads[9:], None, None)
 
 
 _scan_fwd.register_autograd(_backward, setup_context=_setup)
@@ -314,13 +318,13 @@ def memory_scan_triton(q, k, v, alpha, eta, theta, gamma, *, chunk_size, window,
     pq = q.to(io) if poly is None else apply_poly(q.to(dt), poly).to(io)
     pkx = kx if poly is None else apply_poly(kx.to(dt), poly).to(io)
     G, P, f, gl, cs, last = _gates_for(q.device)(alpha, eta, theta, gx, W, plan)
-    qs = _rows(pq, plan.qidx, plan, plan.BT, plan.yidx[None]).contiguous()  # (B, NSC, BT, H, Dk)
+    # queries stay in the token layout (the kernels read sub-chunk rows in place); keys and values
+    # are gathered into sub-chunks with their window halo
     ks = _rows(pkx, plan.kidx, plan, plan.BL, plan.kback).contiguous()  # (B, NSC, BL, H, Dk)
     vs = _rows(vx, plan.kidx, plan, plan.BL, plan.kback).contiguous()  # (B, NSC, BL, H, Dv)
-    y, M, S, _, _ = _scan_fwd(qs, ks, vs, G.contiguous(), P.contiguous(), f.contiguous(), gl.contiguous(),
-                              cs.contiguous(), last.contiguous(), plan.ref, state.M.contiguous(),
-                              state.S.contiguous(), huber_delta, plan.big)
-    y = y.view(B, -1, H, y.shape[-1])  # (B, NSC*BT, H, Dv)
-    y = y if plan.identity else _Take.apply(y, plan.yidx, plan.qback)  # (B, T, H, Dv)
+    # y (B, T, H, Dv)
+    y, M, S, _, _ = _scan_fwd(pq.contiguous(), ks, vs, G.contiguous(), P.contiguous(), f.contiguous(),
+                              gl.contiguous(), cs.contiguous(), last.contiguous(), plan.ref, plan.start, plan.qlen,
+                              state.M.contiguous(), state.S.contiguous(), huber_delta, plan.big)
     return y, MemoryState(M=M, S=S, k=last_rows(state.k, k, W - 1), v=last_rows(state.v, v, W - 1),
                           gamma=last_rows(state.gamma, gamma, W - 1))
