@@ -16,9 +16,11 @@ their cotangents dM', dS' are stored in bf16 too (the sequential passes carry M,
 float32 registers and round only the copies they store), so the parallel kernels multiply bf16
 by bf16 on the tensor cores instead of float32 at TF32 -- in the 300M step their time fell from
 19.5 to 9.6 ms with the error against `chunked` unchanged (benchmarks/README.md).
-Tensor layouts (all contiguous): Q, Y, dY, dQ (B, T, H, D), read and written in place (sub-chunk s
-holds tokens QSTART[s] + r for r < QLEN[s]; its other BT - QLEN[s] rows are padding); K, V
-(B, NSC, BL, H, D);
+Tensor layouts (all contiguous): Q, Y, dY, dQ (B, T, H, D) and K, V (B, W-1+T, H, D) (the window
+halo's rows first), read and written in place: sub-chunk s holds tokens QSTART[s] + r for
+r < QLEN[s] (its other BT - QLEN[s] rows are padding), and keys from W-1 before; the key-side
+gradients dK and -dE (DVB) per sub-chunk row in the padded layout (B, NSC, BL, H, D), summed
+over a token's copies afterwards;
 G (B, H, NSC, BT, BL); P, f (B, H, NSC, BT); gl, cs (B, H, NSC, BL); LAST = (pl, fl, pel)
 (B, H, NSC, 3); states M0, S0 (B, H, Dv, Dk) float32; per-sub-chunk states (B, H, NSC, Dv, Dk)
 in q's dtype (float32 for float32 q);
@@ -56,7 +58,7 @@ _CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.
 # the number of sub-chunks follows T: left unspecialised, a new sequence length (every prefill
 # piece, every TNT stage) reuses the compiled kernel instead of compiling it again
 _ANY_LENGTH = ["NSC"]
-_ANY_T = ["NSC", "T"]  # and the tokens, for kernels that read queries in place
+_ANY_T = ["NSC", "T"]  # and the tokens: the kernels read q, k, v in place
 
 
 @triton.jit
@@ -95,6 +97,13 @@ def _qrows(QSTART, QLEN, b, s, rt, T, H, h):
 
 
 @triton.jit
+def _krows(QSTART, QLEN, b, s, rl, T, W1, H, h):
+    """Sub-chunk s's key rows in place in the (B, W-1+T, H, D) halo-first layout (its W-1 halo
+    rows, then its own), and which of its BL rows are real."""
+    return (b * (T + W1) + tl.load(QSTART + s) + rl) * H + h, rl < tl.load(QLEN + s) + W1
+
+
+@triton.jit
 def _rraw(ptr, rows, ok, cols, ld, ncols):
     """_raw on the rows where ok (zeros elsewhere)."""
     return tl.load(ptr + rows[:, None] * ld + cols[None, :], mask=ok[:, None] & (cols[None, :] < ncols), other=0.0)
@@ -111,17 +120,18 @@ def _store(ptr, rows, cols, ld, ncols, x):
 
 
 @triton.jit
-def _fwd_state_ins(K, V, GL, CS, LAST, bh, b, h, s, NSC, H, rl, rk, rv, DK, DV, BL: tl.constexpr):
+def _fwd_state_ins(K, V, GL, CS, LAST, QSTART, QLEN, bh, b, h, s, NSC, T, W1, H, rl, rk, rv, DK, DV,
+                   BL: tl.constexpr):
     """_fwd_state's inputs of sub-chunk s: K (BL, BK) raw, V (BL, BV), gl, cs (BL,), pl, fl, pel."""
-    krow = ((b * NSC + s) * BL + rl) * H + h  # (BL,) row index into K and V
+    krow, kok = _krows(QSTART, QLEN, b, s, rl, T, W1, H, h)
     g, lo = (bh * NSC + s) * BL + rl, (bh * NSC + s) * 3
-    return (_raw(K, krow, rk, DK, DK), _tile(V, krow, rv, DV, DV), tl.load(GL + g), tl.load(CS + g),
-            tl.load(LAST + lo), tl.load(LAST + lo + 1), tl.load(LAST + lo + 2))
+    return (_rraw(K, krow, kok, rk, DK, DK), _rraw(V, krow, kok, rv, DV, DV).to(tl.float32), tl.load(GL + g),
+            tl.load(CS + g), tl.load(LAST + lo), tl.load(LAST + lo + 1), tl.load(LAST + lo + 2))
 
 
 @triton.autotune(configs=_configs([16, 32], [4]), key=["BL", "BK", "DV"], **_CACHE)
-@triton.jit(do_not_specialize=_ANY_LENGTH)
-def _fwd_state(K, V, GL, CS, LAST, REF, M0, S0, MS, SS, MOUT, SOUT, NSC, H, DK, DV, delta,
+@triton.jit(do_not_specialize=_ANY_T)
+def _fwd_state(K, V, GL, CS, LAST, REF, QSTART, QLEN, M0, S0, MS, SS, MOUT, SOUT, NSC, T, W1, H, DK, DV, delta,
                BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                HUBER: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr):
     """Sequential over sub-chunks: store Ms, Ss at each start, return the final M, S. Grid (B*H, Dv/BV)."""
@@ -138,11 +148,13 @@ def _fwd_state(K, V, GL, CS, LAST, REF, M0, S0, MS, SS, MOUT, SOUT, NSC, H, DK, 
     # 3.52 -> 3.19 ms in the 300M step. In _bwd_state the same cost more than it hid (6.4 -> 11.2
     # ms; 7.1 prefetching only its small inputs). Separate names, not a tuple: older Triton
     # carries no tuples through loops.
-    nk, nv, ngl, ncs, npl, nfl, npel = _fwd_state_ins(K, V, GL, CS, LAST, bh, b, h, 0, NSC, H, rl, rk, rv, DK, DV, BL)
+    nk, nv, ngl, ncs, npl, nfl, npel = _fwd_state_ins(K, V, GL, CS, LAST, QSTART, QLEN, bh, b, h, 0, NSC, T, W1, H,
+                                                      rl, rk, rv, DK, DV, BL)
     for s in range(NSC):
         k, v, gl, cs, pl, fl, pel = nk, nv, ngl, ncs, npl, nfl, npel
-        nk, nv, ngl, ncs, npl, nfl, npel = _fwd_state_ins(K, V, GL, CS, LAST, bh, b, h, tl.minimum(s + 1, NSC - 1),
-                                                          NSC, H, rl, rk, rv, DK, DV, BL)
+        nk, nv, ngl, ncs, npl, nfl, npel = _fwd_state_ins(K, V, GL, CS, LAST, QSTART, QLEN, bh, b, h,
+                                                          tl.minimum(s + 1, NSC - 1), NSC, T, W1, H, rl, rk, rv,
+                                                          DK, DV, BL)
         if BIG:  # a chunk starts here: gradients of its sub-chunks are taken at this M
             Mr = tl.where(tl.load(REF + s) == s, M, Mr)
         else:
@@ -163,7 +175,7 @@ def _fwd_state(K, V, GL, CS, LAST, REF, M0, S0, MS, SS, MOUT, SOUT, NSC, H, DK, 
 
 @triton.autotune(configs=_configs([32, 64], [4, 8]), key=["BT", "BL", "BK", "DV"], **_CACHE)
 @triton.jit(do_not_specialize=_ANY_T)
-def _fwd_out(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, Y, NSC, T, H, DK, DV, delta,
+def _fwd_out(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, Y, NSC, T, W1, H, DK, DV, delta,
              BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
              HUBER: tl.constexpr, PREC: tl.constexpr):
     """Y of one sub-chunk and one Dv tile. Grid (NSC, B*H, Dv/BV)."""
@@ -173,15 +185,15 @@ def _fwd_out(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, Y, NSC, T, H, DK, DV, 
     rv = tl.program_id(2) * BV + tl.arange(0, BV)
     rk, rl, rt = tl.arange(0, BK), tl.arange(0, BL), tl.arange(0, BT)
     qrow, qok = _qrows(QSTART, QLEN, b, s, rt, T, H, h)
-    krow = ((b * NSC + s) * BL + rl) * H + h
-    q, k = _rraw(Q, qrow, qok, rk, DK, DK), _raw(K, krow, rk, DK, DK)  # (BT, BK), (BL, BK)
+    krow, kok = _krows(QSTART, QLEN, b, s, rl, T, W1, H, h)
+    q, k = _rraw(Q, qrow, qok, rk, DK, DK), _rraw(K, krow, kok, rk, DK, DK)  # (BT, BK), (BL, BK)
     g = (bh * NSC + s) * BT + rt
     A = _mm(q, tl.trans(k), PREC) * _tile(G, g, rl, BL, BL)  # (BT, BL)
     o = (bh * NSC + s) * DV * DK
     # the stored states are in q's dtype: bf16 products at full tensor-core rate
     Ms, Ss = _state(MS, o, rv, rk, DV, DK), _state(SS, o, rv, rk, DV, DK)  # (BV, BK)
     Mr = _state(MS, (bh * NSC + tl.load(REF + s)) * DV * DK, rv, rk, DV, DK)
-    E = _mm(k, tl.trans(Mr), PREC) - _tile(V, krow, rv, DV, DV)  # (BL, BV)
+    E = _mm(k, tl.trans(Mr), PREC) - _rraw(V, krow, kok, rv, DV, DV).to(tl.float32)  # (BL, BV)
     if HUBER:
         E = tl.minimum(tl.maximum(E, -delta), delta)
     y = (tl.load(P + g)[:, None] * _mm(q, tl.trans(Ms), PREC)
@@ -193,7 +205,7 @@ def _fwd_out(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, Y, NSC, T, H, DK, DV, 
 @triton.autotune(configs=_configs([16, 32], [4]), key=["BT", "BL", "BK", "DV"], **_CACHE)
 @triton.jit(do_not_specialize=_ANY_T)
 def _bwd_state(Q, K, V, G, P, F, GL, CS, LAST, REF, QSTART, QLEN, MS, DY, DMOUT, DSOUT, DME, DSE, DVB, DM0, DS0,
-               NSC, T, H, DK, DV, delta, BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr,
+               NSC, T, W1, H, DK, DV, delta, BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr,
                BV: tl.constexpr, HUBER: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr):
     """Reverse pass over sub-chunks: store the cotangents dM', dS' of each sub-chunk's end states
     and dV (= minus the error cotangent); return dM0, dS0.
@@ -213,9 +225,10 @@ def _bwd_state(Q, K, V, G, P, F, GL, CS, LAST, REF, QSTART, QLEN, MS, DY, DMOUT,
         tl.store(DME + o + st, dM.to(DME.dtype.element_ty), mask=sm)
         tl.store(DSE + o + st, dS.to(DSE.dtype.element_ty), mask=sm)
         qrow, qok = _qrows(QSTART, QLEN, b, s, rt, T, H, h)
-        krow = ((b * NSC + s) * BL + rl) * H + h
+        krow, kok = _krows(QSTART, QLEN, b, s, rl, T, W1, H, h)
+        prow = ((b * NSC + s) * BL + rl) * H + h  # the same rows in the padded (B, NSC, BL, H, D) layout
         # products of q, k, dY alone run in their own dtype; those with the carried cotangents at PREC
-        q, k = _rraw(Q, qrow, qok, rk, DK, DK), _raw(K, krow, rk, DK, DK)  # (BT, BK), (BL, BK)
+        q, k = _rraw(Q, qrow, qok, rk, DK, DK), _rraw(K, krow, kok, rk, DK, DK)  # (BT, BK), (BL, BK)
         k32 = k.to(tl.float32)
         dy = _rraw(DY, qrow, qok, rv, DV, DV)  # (BT, BV), zero on padded rows
         g = (bh * NSC + s) * BT + rt
@@ -226,9 +239,9 @@ def _bwd_state(Q, K, V, G, P, F, GL, CS, LAST, REF, QSTART, QLEN, MS, DY, DMOUT,
               - tl.load(CS + gk)[:, None] * tl.dot(k32, tl.trans(dS), input_precision=PREC))  # (BL, BV)
         if HUBER:  # clamp passes the cotangent only where the error was inside [-delta, delta]
             Mr = _state(MS, (bh * NSC + tl.load(REF + s)) * DV * DK, rv, rk, DV, DK)
-            E0 = _mm(k, tl.trans(Mr), PREC) - _tile(V, krow, rv, DV, DV)
+            E0 = _mm(k, tl.trans(Mr), PREC) - _rraw(V, krow, kok, rv, DV, DV).to(tl.float32)
             dE = tl.where(tl.abs(E0) <= delta, dE, 0.0)
-        _store(DVB, krow, rv, DV, DV, -dE)
+        _store(DVB, prow, rv, DV, DV, -dE)
         lo = (bh * NSC + s) * 3
         pl, fl, pel = tl.load(LAST + lo), tl.load(LAST + lo + 1), tl.load(LAST + lo + 2)
         dM_prev = pl * dM + _mm(tl.trans((tl.load(P + g)[:, None] * dy).to(q.dtype)), q, PREC)
@@ -248,7 +261,7 @@ def _bwd_state(Q, K, V, G, P, F, GL, CS, LAST, REF, QSTART, QLEN, MS, DY, DMOUT,
 
 @triton.autotune(configs=_configs([32, 64], [4, 8]), key=["BT", "BL", "BK", "DV"], **_CACHE)
 @triton.jit(do_not_specialize=_ANY_T)
-def _bwd_q(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, DY, DQ, DG, DA, DP, DF, NSC, T, H, DK, DV, delta,
+def _bwd_q(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, DY, DQ, DG, DA, DP, DF, NSC, T, W1, H, DK, DV, delta,
            BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
            HUBER: tl.constexpr, PREC: tl.constexpr):
     """Query-side gradients of one sub-chunk (dQ, dG, dP, df) and dA, the cotangent of Q K^T that
@@ -258,8 +271,8 @@ def _bwd_q(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, DY, DQ, DG, DA, DP, DF, 
     b, h = bh // H, bh % H
     rk, rl, rt = tl.arange(0, BK), tl.arange(0, BL), tl.arange(0, BT)
     qrow, qok = _qrows(QSTART, QLEN, b, s, rt, T, H, h)
-    krow = ((b * NSC + s) * BL + rl) * H + h
-    q, k = _rraw(Q, qrow, qok, rk, DK, DK), _raw(K, krow, rk, DK, DK)  # (BT, BK), (BL, BK)
+    krow, kok = _krows(QSTART, QLEN, b, s, rl, T, W1, H, h)
+    q, k = _rraw(Q, qrow, qok, rk, DK, DK), _rraw(K, krow, kok, rk, DK, DK)  # (BT, BK), (BL, BK)
     g = (bh * NSC + s) * BT + rt
     p, f = tl.load(P + g), tl.load(F + g)  # (BT,)
     dq = tl.zeros([BT, BK], dtype=tl.float32)
@@ -270,7 +283,7 @@ def _bwd_q(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, DY, DQ, DG, DA, DP, DF, 
         rv = v0 + tl.arange(0, BV)
         Ms, Ss = _state(MS, o, rv, rk, DV, DK), _state(SS, o, rv, rk, DV, DK)  # (BV, BK), q's dtype
         dy = _rraw(DY, qrow, qok, rv, DV, DV).to(tl.float32)  # (BT, BV), zero on padded rows
-        E = _mm(k, tl.trans(_state(MS, oref, rv, rk, DV, DK)), PREC) - _tile(V, krow, rv, DV, DV)
+        E = _mm(k, tl.trans(_state(MS, oref, rv, rk, DV, DK)), PREC) - _rraw(V, krow, kok, rv, DV, DV).to(tl.float32)
         if HUBER:
             E = tl.minimum(tl.maximum(E, -delta), delta)
         dyE += tl.dot(dy, tl.trans(E), input_precision=PREC)
@@ -288,8 +301,8 @@ def _bwd_q(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, DY, DQ, DG, DA, DP, DF, 
 
 @triton.autotune(configs=_configs([32, 64], [4, 8], (1, 2, 3)), key=["BT", "BL", "BK", "DV"], **_CACHE)
 @triton.jit(do_not_specialize=_ANY_T)
-def _bwd_k(Q, K, V, GL, CS, REF, QSTART, QLEN, MS, SS, DME, DSE, DVB, DA, DKK, DGL, DCS, DLAST, NSC, T, H, DK, DV,
-           delta,
+def _bwd_k(Q, K, V, GL, CS, REF, QSTART, QLEN, MS, SS, DME, DSE, DVB, DA, DKK, DGL, DCS, DLAST, NSC, T, W1, H, DK,
+           DV, delta,
            BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
            HUBER: tl.constexpr, PREC: tl.constexpr):
     """Key-side gradients of one sub-chunk (dK, dgl, dcs) and those of its end factors (pl, fl, pel),
@@ -298,8 +311,9 @@ def _bwd_k(Q, K, V, GL, CS, REF, QSTART, QLEN, MS, SS, DME, DSE, DVB, DA, DKK, D
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     rk, rl, rt = tl.arange(0, BK), tl.arange(0, BL), tl.arange(0, BT)
-    krow = ((b * NSC + s) * BL + rl) * H + h
-    k = _raw(K, krow, rk, DK, DK)  # (BL, BK)
+    krow, kok = _krows(QSTART, QLEN, b, s, rl, T, W1, H, h)
+    prow = ((b * NSC + s) * BL + rl) * H + h  # the same rows in the padded (B, NSC, BL, H, D) layout
+    k = _rraw(K, krow, kok, rk, DK, DK)  # (BL, BK)
     gk = (bh * NSC + s) * BL + rl
     gl, cs = tl.load(GL + gk), tl.load(CS + gk)  # (BL,)
     dk = tl.zeros([BL, BK], dtype=tl.float32)
@@ -314,8 +328,8 @@ def _bwd_k(Q, K, V, GL, CS, REF, QSTART, QLEN, MS, SS, DME, DSE, DVB, DA, DKK, D
         dpl += tl.sum(dMe.to(tl.float32) * Ms, 0)  # M' = pl Ms + fl Ss + ...,  S' = pel Ss + ...
         dfl += tl.sum(dMe.to(tl.float32) * Ss, 0)
         dpel += tl.sum(dSe.to(tl.float32) * Ss, 0)
-        dE = -_tile(DVB, krow, rv, DV, DV)  # (BL, BV) error cotangent, masked by Huber already
-        E = _mm(k, tl.trans(Mr), PREC) - _tile(V, krow, rv, DV, DV)
+        dE = -_tile(DVB, prow, rv, DV, DV)  # (BL, BV) error cotangent, masked by Huber already
+        E = _mm(k, tl.trans(Mr), PREC) - _rraw(V, krow, kok, rv, DV, DV).to(tl.float32)
         if HUBER:
             E = tl.minimum(tl.maximum(E, -delta), delta)
         dgl -= tl.sum(E * _mm(k, tl.trans(dMe), PREC), 1)
@@ -325,7 +339,7 @@ def _bwd_k(Q, K, V, GL, CS, REF, QSTART, QLEN, MS, SS, DME, DSE, DVB, DA, DKK, D
     qrow, qok = _qrows(QSTART, QLEN, b, s, rt, T, H, h)
     dA = _tile(DA, (bh * NSC + s) * BT + rt, rl, BL, BL)  # (BT, BL)
     q = _rraw(Q, qrow, qok, rk, DK, DK).to(tl.float32)
-    _store(DKK, krow, rk, DK, DK, dk + tl.dot(tl.trans(dA), q, input_precision=PREC))
+    _store(DKK, prow, rk, DK, DK, dk + tl.dot(tl.trans(dA), q, input_precision=PREC))
     tl.store(DGL + gk, dgl)
     tl.store(DCS + gk, dcs)
     lo = (bh * NSC + s) * 3
