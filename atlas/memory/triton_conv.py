@@ -32,6 +32,14 @@ def _warps():
     return [triton.Config({}, num_warps=w) for w in (4, 8)]
 
 
+def _tiles():
+    """_bwd_in's tile (rows, channels) and warps: its per-tap accumulators are K tiles of float32,
+    which at 32 x 128 and 4 warps leave little room in registers."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("ATLAS_TRITON_TUNE") == "0":
+        return [triton.Config({"BT": BT, "BC": BC}, num_warps=4)]
+    return [triton.Config({"BT": bt, "BC": bc}, num_warps=w) for bt in (16, 32) for bc in (64, 128) for w in (4, 8)]
+
+
 @triton.jit
 def _padded_rows(X, HALO, b, r, rc, T, C, K: tl.constexpr):
     """Rows r of P = halo ++ x for batch b (r < 0 reads the halo), (len(r), len(rc)), float32."""
@@ -80,13 +88,14 @@ def _bwd_act(X, HALO, Wt, DY, DA, T, C, K: tl.constexpr, BT: tl.constexpr, BC: t
     tl.store(DA + off, da.to(DA.dtype.element_ty), mask=m)
 
 
-@triton.autotune(configs=_warps(), key=["C", "K"], **_CACHE)
+# reset_to_zero: configs differ in their number of programs, each writing its own share of dw
+@triton.autotune(configs=_tiles(), key=["C", "K"], reset_to_zero=["DWP"], **_CACHE)
 @triton.jit
-def _bwd_in(X, HALO, DA, Wt, DX, DHALO, DWP, T, C, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-            NB: tl.constexpr):
+def _bwd_in(X, HALO, DA, Wt, DX, DHALO, DWP, T, C, K: tl.constexpr, NB: tl.constexpr, BT: tl.constexpr,
+            BC: tl.constexpr):
     """dP over NB blocks of padded rows p in [0, K-1+T): the halo's rows to DHALO, the rest to DX;
-    and this program's share of dw[j] = sum_p da[p - j] P[p] (DWP (B*programs, C, K) float32).
-    Grid (B, (K-1+T)/(NB*BT), C/BC)."""
+    and this program's share of dw[j] = sum_p da[p - j] P[p] (DWP (B*programs, C, K) float32,
+    zero where a config has fewer programs). Grid (B, (K-1+T)/(NB*BT), C/BC)."""
     b = tl.program_id(0).to(tl.int64)
     pb = tl.program_id(1)
     rc = tl.program_id(2) * BC + tl.arange(0, BC)
@@ -152,10 +161,11 @@ def _conv_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, halo: torch.Te
     da = torch.empty_like(x)
     _bwd_act[(B, triton.cdiv(T, BT), triton.cdiv(C, BC))](x, halo, w, dy.contiguous(), da, T, C, K=K, BT=BT, BC=BC)
     dx, dhalo = torch.empty_like(x), torch.empty_like(halo)
-    nb = min(NB, triton.cdiv(K - 1 + T, BT))
-    n_prog = triton.cdiv(K - 1 + T, nb * BT)
-    dwp = torch.empty(B * n_prog, C, K, device=x.device, dtype=torch.float32)  # per-program shares of dw
-    _bwd_in[(B, n_prog, triton.cdiv(C, BC))](x, halo, da, w, dx, dhalo, dwp, T, C, K=K, BT=BT, BC=BC, NB=nb)
+    nb = min(NB, triton.cdiv(K - 1 + T, 16))
+    most = triton.cdiv(K - 1 + T, nb * 16)  # programs along the rows with the smallest tile
+    dwp = torch.zeros(B * most, C, K, device=x.device, dtype=torch.float32)  # per-program shares of dw
+    _bwd_in[lambda m: (B, triton.cdiv(K - 1 + T, nb * m["BT"]), triton.cdiv(C, m["BC"]))](
+        x, halo, da, w, dx, dhalo, dwp, T, C, K=K, NB=nb)
     return [dx, dwp.sum(0).to(w.dtype), dhalo]
 
 
