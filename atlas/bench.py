@@ -76,7 +76,12 @@ GRAPHS = "reduce-overhead"
 
 
 def layer_ms(B, T, H, D, impl, chunk, dtype, device, mode=None) -> float:
-    """Forward + backward of a fresh (compiled) memory layer on random (B, T, H*D) input, in ms."""
+    """Forward + backward of a fresh (compiled) memory layer on random (B, T, H*D) input, in ms.
+    Each shape compiles from a clean slate, as in a fresh process: torch.compile keeps at most
+    8 compiles of one function (torch._dynamo.config.recompile_limit) and runs later shapes
+    eagerly -- the scaling section's ninth shape (B=1, T=32K) timed 19.6 ms eager for ~10 compiled
+    (benchmarks/README.md)."""
+    torch._dynamo.reset()
     x = torch.randn(B, T, H * D, device=device, dtype=dtype, requires_grad=True)
     layer = compiled(memory_layer(H * D, H, impl, chunk, dtype, device), mode)
     return timed(fwd_bwd(layer, (x,), layer.parameters()))

@@ -1,7 +1,8 @@
 """The memory layer of `atlas bench`'s scaling section timed at the given shapes, in the given
-order, in one process, with the scan kernels' autotuned picks. The autotuner keys hold no
-sequence length or batch, so the first shape's picks are reused for every later one: this shows
-what that costs.
+order, in one process, with the scan kernels' autotuned picks: does a shape's time depend on what
+ran before it? (It did, through torch.compile's limit of 8 compiles of one function, not through
+the picks: benchmarks/README.md, seventh session. `atlas.bench.layer_ms` now resets the compiler
+for each shape.)
 
     python3 benchmarks/scaling_order.py --shapes 2x16384,1x32768,1x32768 --out results/x.json
 """

@@ -39,10 +39,8 @@ def _configs(bvs, warps, stages=(2,)):
     """A few block shapes for H100. One under the CPU interpreter, where timing means nothing, and
     one with ATLAS_TRITON_TUNE=0 (tests on many small shapes: compile each once, not per config).
     Configs that do not fit (shared memory) are skipped by the autotuner. Pipeline stages 1-3 are
-    offered to _bwd_k alone, where they paid in the 300M step (4.79 -> 4.25 ms, with BV 64). With
-    1-3 offered to all five kernels, the picks atlas bench made on its first, smallest shape (B=1,
-    T=2K) ran the layer at T=32K in 18.7 ms, against 10.5 with picks made at B=2, T=16K
-    (benchmarks/README.md): the key holds no sequence length, so the first shape's pick stays."""
+    offered to _bwd_k alone, where they paid in the 300M step (4.79 -> 4.25 ms, with BV 64); the
+    other four kernels did not move with them (benchmarks/README.md, sixth session)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BV": 16}, num_warps=4)]
     if os.environ.get("ATLAS_TRITON_TUNE") == "0":
