@@ -11,9 +11,10 @@ into sub-chunks whose errors all use the memory at the *chunk* start (the kernel
 chunk 2048 is the same function at the cost of chunk 64. Every (sub-)chunk is padded to BT rows
 (a power of two) with inert gates (alpha = 0, eta = 1, theta = 0) and gamma = 0 on padded keys,
 so padding changes nothing, and the end-of-sub-chunk factors are read at its last real row.
-Queries, y and their gradients stay in the (B, T, H, D) token layout: the kernels read and write
-a sub-chunk's rows in place, masking the padding; keys and values are gathered into sub-chunks
-with their window halo.
+Queries, keys, values, y and dq stay in the token layout ((B, T, H, D); keys and values as
+(B, W-1+T, H, D), the window halo's rows first): the kernels read and write each sub-chunk's rows
+in place, masking the padding. Only dk and dv come out per sub-chunk row in the padded layout (a
+key sits in its own sub-chunk and in the halo of the next): their copies are summed by gathers.
 
 Not in the kernels (they fall back to `chunked` with a warning): muon, max_norm, float64 inputs,
 Dk > 128, and windows longer than SUB_CHUNK tokens. A window W > 1 shortens sub-chunks to
