@@ -22,6 +22,11 @@ from .train.flops import flops_per_token, peak_flops
 
 def timed(fn, warmup: int = 3, reps: int = 10) -> float:
     """Median milliseconds of fn() (CUDA events on GPU, perf_counter on CPU)."""
+    return statistics.median(times_ms(fn, warmup, reps))
+
+
+def times_ms(fn, warmup: int = 3, reps: int = 10) -> list[float]:
+    """Milliseconds of each of `reps` calls of fn() after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     cuda = torch.cuda.is_available()
@@ -38,7 +43,7 @@ def timed(fn, warmup: int = 3, reps: int = 10) -> float:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times
 
 
 def fwd_bwd(module_fn, inputs, params=()):
@@ -247,23 +252,33 @@ def bench_model(preset: str, overrides: list[str], B: int, T: int, device, compi
 
 
 @torch.no_grad()
-def bench_decode(preset: str, overrides: list[str], contexts: list[int], device) -> list[dict]:
+def bench_decode(preset: str, overrides: list[str], contexts: list[int], device, rounds: int = 5,
+                 steps: int = 10) -> list[dict]:
+    """Per-token latency of generation after a prefill of each context. Every context is prefilled
+    first, then all are timed in turns: `rounds` rounds of `steps` generation steps each (the state
+    moves on, as it does when generating), the median over all of them. Decoding is eager and
+    host-bound, and the host's speed drifts within a run: timed one context after the other, the
+    last (32K) once read 62.6 ms against 39.1-41.9 for the others, and 39.7 in a rerun
+    (benchmarks/README.md). In turns, every context sees the same drift."""
     cfg = load_config(preset, overrides)
     model = AtlasLM(cfg.model).to(device).eval()
-    rows = []
-    for ctx in contexts:
-        idx = torch.randint(0, cfg.model.vocab_size, (1, ctx), device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    boxes, times = {}, {ctx: [] for ctx in contexts}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for ctx in contexts:
+            idx = torch.randint(0, cfg.model.vocab_size, (1, ctx), device=device)
             state = None  # prefill in pieces: the memory absorbs the context, attention keeps its window
             for piece in idx.split(4096, dim=1):
                 _, state = model(piece, state)
-            box = {"state": state, "tok": idx[:, -1:]}
-
-            def one():  # one generation step: the state moves on, as it does when generating
-                _, box["state"] = model(box["tok"], box["state"])
-            ms = timed(one, warmup=5, reps=50)  # host-bound: more reps steady the median
-        rows.append({"context": ctx, "ms_per_token": ms})
-        print(f"decode: context {ctx}: {ms:.2f} ms/token", flush=True)
+            boxes[ctx] = {"state": state, "tok": idx[:, -1:]}
+        for r in range(rounds):
+            for ctx, box in boxes.items():
+                def one(box=box):  # one generation step of this context's sequence
+                    _, box["state"] = model(box["tok"], box["state"])
+                times[ctx] += times_ms(one, warmup=3 if r == 0 else 1, reps=steps)
+    rows = [{"context": ctx, "ms_per_token": statistics.median(times[ctx]), "steps": len(times[ctx])}
+            for ctx in contexts]
+    for row in rows:
+        print(f"decode: context {row['context']}: {row['ms_per_token']:.2f} ms/token", flush=True)
     return rows
 
 
