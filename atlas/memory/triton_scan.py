@@ -16,8 +16,9 @@ Queries, keys, values, y and dq stay in the token layout ((B, T, H, D); keys and
 in place, masking the padding. Only dk and dv come out per sub-chunk row in the padded layout (a
 key sits in its own sub-chunk and in the halo of the next): their copies are summed by gathers.
 
-Not in the kernels (they fall back to `chunked` with a warning): muon, max_norm, float64 inputs,
-Dk > 128, and windows longer than SUB_CHUNK tokens. A window W > 1 shortens sub-chunks to
+Not in the kernels (they fall back to `chunked` with a warning): muon, float64 inputs, Dk > 128,
+and windows longer than SUB_CHUNK tokens. max_norm (the seed's clamp of M where a chunk closes)
+runs the kernels one chunk a call, clamping between. A window W > 1 shortens sub-chunks to
 SUB_CHUNK + 1 - W tokens or fewer (chunk 64, W = 4: two sub-chunks of 32), so it costs up to 2x.
 
 Speed: benchmarks/README.md (`atlas bench`, `benchmarks/profile_layer.py`). A call shorter than
@@ -35,7 +36,7 @@ import triton
 from ..errors import UserError
 from . import triton_kernels as kern
 from .chunked import gate_products, log_gates, memory_scan_chunked
-from .state import SUB_CHUNK, MemoryState, apply_poly, last_rows
+from .state import SUB_CHUNK, MemoryState, apply_poly, clamp_norm, last_rows
 
 DECODE_T = 8  # calls shorter than this run `chunked`: the same function
 
@@ -300,13 +301,21 @@ def memory_scan_triton(q, k, v, alpha, eta, theta, gamma, *, chunk_size, window,
     W, dt = window, state.M.dtype
     if T < DECODE_T:  # a few tokens are a few tiny matmuls; padded kernel blocks cost more
         return _fallback(None, args, kw)
-    if muon or max_norm is not None:
-        return _fallback("muon and max_norm are not in the kernels", args, kw)
+    if muon:
+        return _fallback("muon is not in the kernels", args, kw)
     if dt == torch.float64:
         return _fallback("the kernels compute in float32, not float64", args, kw)
     if Dk > 128 or W > SUB_CHUNK:
         return _fallback(f"Dk = {Dk} or window {W} is beyond the kernels' blocks (Dk <= 128, window <= {SUB_CHUNK})",
                          args, kw)
+    if max_norm is not None and T > chunk_size:
+        # the clamp acts where a chunk closes, and the kernels carry M through a call unclamped:
+        # one call a chunk, clamped between (chunked's own loop; the halo rides in the state)
+        ys, st = [], state
+        for lo in range(0, T, chunk_size):
+            y, st = memory_scan_triton(*(x[:, lo:lo + chunk_size] for x in args), **{**kw, "state": st})
+            ys.append(y)
+        return torch.cat(ys, dim=1), st
     plan = _plan(T, chunk_size, W, SUB_CHUNK, q.device)
     io = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else dt  # dtype of q, k, v in memory
 
@@ -322,5 +331,5 @@ def memory_scan_triton(q, k, v, alpha, eta, theta, gamma, *, chunk_size, window,
                               f.contiguous(), gl.contiguous(), cs.contiguous(), last.contiguous(), plan.ref,
                               plan.start, plan.qlen, plan.kback, state.M.contiguous(), state.S.contiguous(),
                               huber_delta, plan.big)
-    return y, MemoryState(M=M, S=S, k=last_rows(state.k, k, W - 1), v=last_rows(state.v, v, W - 1),
-                          gamma=last_rows(state.gamma, gamma, W - 1))
+    return y, MemoryState(M=clamp_norm(M, max_norm), S=S, k=last_rows(state.k, k, W - 1),
+                          v=last_rows(state.v, v, W - 1), gamma=last_rows(state.gamma, gamma, W - 1))
