@@ -395,10 +395,14 @@ def table(r: dict) -> str:
 
 def cmd_bench(args) -> None:
     sections = tuple(args.sections.split(",")) if args.sections else SECTIONS
+    from .errors import UserError
     bad = set(sections) - set(SECTIONS)
     if bad:
-        from .errors import UserError
         raise UserError(f"--sections: unknown {sorted(bad)}; choose from {', '.join(SECTIONS)}")
+    if not args.smoke and not torch.cuda.is_available():  # hours of CPU time, and --out's GPU numbers replaced
+        raise UserError("bench: no CUDA device here, and the benchmark's shapes (B=2, T=4096, a 300M model) "
+                        "are for one GPU; run it on a GPU, or check the code path on CPU with "
+                        "`atlas bench --smoke --out /tmp/bench.json`")
     r = run(Path(args.out), args.smoke, sections, compile_model=not args.no_compile)
     print(table(r))
     print(f"wrote {args.out}")

@@ -17,6 +17,16 @@ def test_bench_smoke_writes_json(tmp_path, capsys):
     assert "atlas_chunked" in capsys.readouterr().out
 
 
+def test_bench_without_a_gpu_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    """Not --smoke on a machine without CUDA: an error naming what to do, and --out untouched."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "h100.json"
+    out.write_text("{}")
+    assert main(["bench", "--sections", "layer", "--out", str(out)]) != 0
+    assert "--smoke" in capsys.readouterr().err and out.read_text() == "{}"
+
+
 def test_time_modes_keeps_the_others_when_one_fails():
     from atlas.bench import time_modes
 
