@@ -283,6 +283,7 @@ def bench_decode(preset: str, overrides: list[str], contexts: list[int], device,
 
 
 SECTIONS = ("layer", "scaling", "model", "decode")
+DEFAULT_OUT = "benchmarks/results/h100.json"
 
 
 def run(out_path: Path, smoke: bool, sections=SECTIONS, compile_model: bool = True) -> dict:
@@ -399,6 +400,9 @@ def cmd_bench(args) -> None:
     bad = set(sections) - set(SECTIONS)
     if bad:
         raise UserError(f"--sections: unknown {sorted(bad)}; choose from {', '.join(SECTIONS)}")
+    if args.smoke and Path(args.out) == Path(DEFAULT_OUT):
+        raise UserError(f"bench --smoke: its tiny shapes would replace {DEFAULT_OUT}; "
+                        "give --out, e.g. `atlas bench --smoke --out /tmp/bench.json`")
     if not args.smoke and not torch.cuda.is_available():  # hours of CPU time, and --out's GPU numbers replaced
         raise UserError("bench: no CUDA device here, and the benchmark's shapes (B=2, T=4096, a 300M model) "
                         "are for one GPU; run it on a GPU, or check the code path on CPU with "
@@ -410,7 +414,7 @@ def cmd_bench(args) -> None:
 
 def add_bench_command(sub) -> None:
     p = sub.add_parser("bench", help="GPU benchmark: memory layer vs SDPA vs titans-pytorch, model, scaling, decode")
-    p.add_argument("--out", default="benchmarks/results/h100.json")
+    p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, any device (checks the code path)")
     p.add_argument("--sections", help=f"comma-separated subset of {','.join(SECTIONS)}; others are kept from --out")
     p.add_argument("--no-compile", action="store_true", help="time the 300M step eagerly")

@@ -27,6 +27,12 @@ def test_bench_without_a_gpu_is_one_clear_line(tmp_path, capsys, monkeypatch):
     assert "--smoke" in capsys.readouterr().err and out.read_text() == "{}"
 
 
+def test_bench_smoke_keeps_off_the_committed_results(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)  # where benchmarks/results/h100.json would be written
+    assert main(["bench", "--smoke"]) != 0
+    assert "--out" in capsys.readouterr().err and not (tmp_path / "benchmarks").exists()
+
+
 def test_time_modes_keeps_the_others_when_one_fails():
     from atlas.bench import time_modes
 
