@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import load_config
+from .errors import UserError
 from .memory.layer import MemoryLayer
 from .model import AtlasLM
 from .train.flops import flops_per_token, peak_flops
@@ -396,7 +397,6 @@ def table(r: dict) -> str:
 
 def cmd_bench(args) -> None:
     sections = tuple(args.sections.split(",")) if args.sections else SECTIONS
-    from .errors import UserError
     bad = set(sections) - set(SECTIONS)
     if bad:
         raise UserError(f"--sections: unknown {sorted(bad)}; choose from {', '.join(SECTIONS)}")

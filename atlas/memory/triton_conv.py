@@ -20,6 +20,7 @@ import triton.language as tl
 from .triton_kernels import _CACHE
 
 BT, BC = 32, 128  # rows (tokens) and channels per program
+BWD_ROWS = (16, 32)  # the rows per program _bwd_in's autotuner may pick
 NB = 4  # row blocks per program of the backward's second pass: fewer shares of dw to sum
 MAX_K = 4  # taps the kernels take (conv.py runs longer convs in PyTorch)
 
@@ -37,7 +38,7 @@ def _tiles():
     which at 32 x 128 and 4 warps leave little room in registers."""
     if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("ATLAS_TRITON_TUNE") == "0":
         return [triton.Config({"BT": BT, "BC": BC}, num_warps=4)]
-    return [triton.Config({"BT": bt, "BC": bc}, num_warps=w) for bt in (16, 32) for bc in (64, 128) for w in (4, 8)]
+    return [triton.Config({"BT": bt, "BC": bc}, num_warps=w) for bt in BWD_ROWS for bc in (64, 128) for w in (4, 8)]
 
 
 @triton.jit
@@ -161,8 +162,8 @@ def _conv_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, halo: torch.Te
     da = torch.empty_like(x)
     _bwd_act[(B, triton.cdiv(T, BT), triton.cdiv(C, BC))](x, halo, w, dy.contiguous(), da, T, C, K=K, BT=BT, BC=BC)
     dx, dhalo = torch.empty_like(x), torch.empty_like(halo)
-    nb = min(NB, triton.cdiv(K - 1 + T, 16))
-    most = triton.cdiv(K - 1 + T, nb * 16)  # programs along the rows with the smallest tile
+    nb = min(NB, triton.cdiv(K - 1 + T, min(BWD_ROWS)))
+    most = triton.cdiv(K - 1 + T, nb * min(BWD_ROWS))  # programs along the rows with the smallest tile
     dwp = torch.zeros(B * most, C, K, device=x.device, dtype=torch.float32)  # per-program shares of dw
     _bwd_in[lambda m: (B, triton.cdiv(K - 1 + T, nb * m["BT"]), triton.cdiv(C, m["BC"]))](
         x, halo, da, w, dx, dhalo, dwp, T, C, K=K, NB=nb)

@@ -53,22 +53,16 @@ def _configs(bvs, warps, stages=(2,)):
 _CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
-# the number of sub-chunks follows T: left unspecialised, a new sequence length (every prefill
-# piece, every TNT stage) reuses the compiled kernel instead of compiling it again
-_ANY_LENGTH = ["NSC"]
-_ANY_T = ["NSC", "T"]  # and the tokens: the kernels read q, k, v in place
+# the number of sub-chunks and of tokens (the kernels read q, k, v in place) follow T: left
+# unspecialised, a new sequence length (every prefill piece, every TNT stage) reuses the compiled
+# kernel instead of compiling it again
+_ANY_T = ["NSC", "T"]
 
 
 @triton.jit
 def _tile(ptr, rows, cols, ld, ncols):
     """Load a (len(rows), len(cols)) tile of a row-major matrix with row stride ld, widened to float32."""
     return tl.load(ptr + rows[:, None] * ld + cols[None, :], mask=cols[None, :] < ncols, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _raw(ptr, rows, cols, ld, ncols):
-    """_tile in the tensor's own dtype: bf16 operands feed the tensor cores as they are."""
-    return tl.load(ptr + rows[:, None] * ld + cols[None, :], mask=cols[None, :] < ncols, other=0.0)
 
 
 @triton.jit
@@ -103,7 +97,8 @@ def _krows(QSTART, QLEN, b, s, rl, T, W1, H, h):
 
 @triton.jit
 def _rraw(ptr, rows, ok, cols, ld, ncols):
-    """_raw on the rows where ok (zeros elsewhere)."""
+    """A tile in the tensor's own dtype (bf16 operands feed the tensor cores as they are), zeros on
+    the rows where not ok."""
     return tl.load(ptr + rows[:, None] * ld + cols[None, :], mask=ok[:, None] & (cols[None, :] < ncols), other=0.0)
 
 
