@@ -32,11 +32,10 @@ def apply_poly(x: torch.Tensor, poly: torch.Tensor | None) -> torch.Tensor:
     """phi(x) = sum_i a_i x^i elementwise (a_1..a_p); None is the identity."""
     if poly is None:
         return x
-    a = poly.unbind()  # one op for all coefficients (iterating a tensor is one select each)
-    out, power = a[0] * x, x  # the decoding step runs this eagerly, per layer and token: few ops
-    for c in a[1:]:
+    out, power = torch.zeros_like(x), torch.ones_like(x)
+    for a in poly:
         power = power * x
-        out = out + c * power
+        out = out + a * power
     return out
 
 
