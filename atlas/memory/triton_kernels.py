@@ -15,7 +15,10 @@ accumulates in float32. q/k/v may be bf16 in memory; then the per-sub-chunk stat
 their cotangents dM', dS' are stored in bf16 too (the sequential passes carry M, S, dM, dS in
 float32 registers and round only the copies they store), so the parallel kernels multiply bf16
 by bf16 on the tensor cores instead of float32 at TF32 -- in the 300M step their time fell from
-19.5 to 9.6 ms with the error against `chunked` unchanged (benchmarks/README.md).
+19.5 to 9.6 ms with the error against `chunked` unchanged (benchmarks/README.md). The sequential
+passes' own products take the same bf16 copies (of Mr, dM, dS, and of E, dE) against bf16 k:
+their iterations cost more than in proportion to the key rows (benchmarks/README.md, wide keys),
+which a float32 copy of k (64 registers a thread at 64 x 128) made worse.
 Tensor layouts (all contiguous): Q, Y, dY, dQ (B, T, H, D) and K, V (B, W-1+T, H, D) (the window
 halo's rows first), read and written in place: sub-chunk s holds tokens QSTART[s] + r for
 r < QLEN[s] (its other BT - QLEN[s] rows are padding), and keys from W-1 before; the key-side
@@ -155,12 +158,13 @@ def _fwd_state(K, V, GL, CS, LAST, REF, QSTART, QLEN, M0, S0, MS, SS, MOUT, SOUT
         o = (bh * NSC + s) * DV * DK
         tl.store(MS + o + st, M.to(MS.dtype.element_ty), mask=sm)  # bf16 copies with bf16 q, k, v
         tl.store(SS + o + st, S.to(SS.dtype.element_ty), mask=sm)
-        k = k.to(tl.float32)  # (BL, BK)
-        E = tl.dot(k, tl.trans(Mr), input_precision=PREC) - v  # (BL, BV)
+        # products in k's dtype (bf16: the tensor cores' full rate and half the registers of a
+        # float32 copy of k), accumulated in float32; M and S stay float32
+        E = _mm(k, tl.trans(Mr.to(k.dtype)), PREC) - v  # (BL, BV)
         if HUBER:
             E = tl.minimum(tl.maximum(E, -delta), delta)
-        M_next = pl * M + fl * S - tl.dot(tl.trans(gl[:, None] * E), k, input_precision=PREC)
-        S = pel * S - tl.dot(tl.trans(cs[:, None] * E), k, input_precision=PREC)
+        M_next = pl * M + fl * S - _mm(tl.trans((gl[:, None] * E).to(k.dtype)), k, PREC)
+        S = pel * S - _mm(tl.trans((cs[:, None] * E).to(k.dtype)), k, PREC)
         M = M_next
     tl.store(MOUT + bh * DV * DK + st, M, mask=sm)
     tl.store(SOUT + bh * DV * DK + st, S, mask=sm)
@@ -215,21 +219,22 @@ def _bwd_state(Q, K, V, G, P, F, GL, CS, LAST, REF, QSTART, QLEN, MS, DY, DMOUT,
     for i in range(NSC):
         s = NSC - 1 - i
         o = (bh * NSC + s) * DV * DK
-        tl.store(DME + o + st, dM.to(DME.dtype.element_ty), mask=sm)
-        tl.store(DSE + o + st, dS.to(DSE.dtype.element_ty), mask=sm)
+        dMb, dSb = dM.to(DME.dtype.element_ty), dS.to(DSE.dtype.element_ty)  # the stored copies
+        tl.store(DME + o + st, dMb, mask=sm)
+        tl.store(DSE + o + st, dSb, mask=sm)
         qrow, qok = _qrows(QSTART, QLEN, b, s, rt, T, H, h)
         krow, kok = _krows(QSTART, QLEN, b, s, rl, T, W1, H, h)
         prow = ((b * NSC + s) * BL + rl) * H + h  # the same rows in the padded (B, NSC, BL, H, D) layout
-        # products of q, k, dY alone run in their own dtype; those with the carried cotangents at PREC
+        # every product in q's dtype, the carried cotangents' too (their stored copies, which
+        # _bwd_k reads): bf16 at the tensor cores' full rate, k never widened to float32
         q, k = _rraw(Q, qrow, qok, rk, DK, DK), _rraw(K, krow, kok, rk, DK, DK)  # (BT, BK), (BL, BK)
-        k32 = k.to(tl.float32)
         dy = _rraw(DY, qrow, qok, rv, DV, DV)  # (BT, BV), zero on padded rows
         g = (bh * NSC + s) * BT + rt
         A = _mm(q, tl.trans(k), PREC) * _tile(G, g, rl, BL, BL)  # (BT, BL)
         gk = (bh * NSC + s) * BL + rl
         dE = (-_mm(tl.trans(A.to(dy.dtype)), dy, PREC)
-              - tl.load(GL + gk)[:, None] * tl.dot(k32, tl.trans(dM), input_precision=PREC)
-              - tl.load(CS + gk)[:, None] * tl.dot(k32, tl.trans(dS), input_precision=PREC))  # (BL, BV)
+              - tl.load(GL + gk)[:, None] * _mm(k, tl.trans(dMb.to(k.dtype)), PREC)
+              - tl.load(CS + gk)[:, None] * _mm(k, tl.trans(dSb.to(k.dtype)), PREC))  # (BL, BV)
         if HUBER:  # clamp passes the cotangent only where the error was inside [-delta, delta]
             Mr = _state(MS, (bh * NSC + tl.load(REF + s)) * DV * DK, rv, rk, DV, DK)
             E0 = _mm(k, tl.trans(Mr), PREC) - _rraw(V, krow, kok, rv, DV, DV).to(tl.float32)
@@ -239,7 +244,7 @@ def _bwd_state(Q, K, V, G, P, F, GL, CS, LAST, REF, QSTART, QLEN, MS, DY, DMOUT,
         pl, fl, pel = tl.load(LAST + lo), tl.load(LAST + lo + 1), tl.load(LAST + lo + 2)
         dM_prev = pl * dM + _mm(tl.trans((tl.load(P + g)[:, None] * dy).to(q.dtype)), q, PREC)
         dS = fl * dM + pel * dS + _mm(tl.trans((tl.load(F + g)[:, None] * dy).to(q.dtype)), q, PREC)
-        through_E = tl.dot(tl.trans(dE), k32, input_precision=PREC)  # (BV, BK)
+        through_E = _mm(tl.trans(dE.to(k.dtype)), k, PREC)  # (BV, BK)
         if BIG:  # errors read the chunk-start M: collect, and hand over where that chunk starts
             dMr += through_E
             first = tl.load(REF + s) == s
