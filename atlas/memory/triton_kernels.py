@@ -168,10 +168,11 @@ def _fwd_state(K, V, GL, CS, LAST, REF, QSTART, QLEN, M0, S0, MS, SS, MOUT, SOUT
 
 @triton.autotune(configs=_configs([32, 64], [4, 8]), key=["BT", "BL", "BK", "DV"], **_CACHE)
 @triton.jit(do_not_specialize=_ANY_T)
-def _fwd_out(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, Y, NSC, T, W1, H, DK, DV, delta,
+def _fwd_out(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, Y, AS, NSC, T, W1, H, DK, DV, delta,
              BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
              HUBER: tl.constexpr, PREC: tl.constexpr):
-    """Y of one sub-chunk and one Dv tile. Grid (NSC, B*H, Dv/BV)."""
+    """Y of one sub-chunk and one Dv tile, and A = G * Q K^T in q's dtype (AS, for _bwd_state).
+    Grid (NSC, B*H, Dv/BV)."""
     s = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -182,6 +183,8 @@ def _fwd_out(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, Y, NSC, T, W1, H, DK, 
     q, k = _rraw(Q, qrow, qok, rk, DK, DK), _rraw(K, krow, kok, rk, DK, DK)  # (BT, BK), (BL, BK)
     g = (bh * NSC + s) * BT + rt
     A = _mm(q, tl.trans(k), PREC) * _tile(G, g, rl, BL, BL)  # (BT, BL)
+    if tl.program_id(2) == 0:  # the backward's sequential pass reads A instead of recomputing it
+        _store(AS, g, rl, BL, BL, A)
     o = (bh * NSC + s) * DV * DK
     # the stored states are in q's dtype: bf16 products at full tensor-core rate
     Ms, Ss = _state(MS, o, rv, rk, DV, DK), _state(SS, o, rv, rk, DV, DK)  # (BV, BK)
@@ -197,7 +200,7 @@ def _fwd_out(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, Y, NSC, T, W1, H, DK, 
 
 @triton.autotune(configs=_configs([16, 32], [4]), key=["BT", "BL", "BK", "DV"], **_CACHE)
 @triton.jit(do_not_specialize=_ANY_T)
-def _bwd_state(Q, K, V, G, P, F, GL, CS, LAST, REF, QSTART, QLEN, MS, DY, DMOUT, DSOUT, DME, DSE, DVB, DM0, DS0,
+def _bwd_state(Q, K, V, AS, P, F, GL, CS, LAST, REF, QSTART, QLEN, MS, DY, DMOUT, DSOUT, DME, DSE, DVB, DM0, DS0,
                NSC, T, W1, H, DK, DV, delta, BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr,
                BV: tl.constexpr, HUBER: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr):
     """Reverse pass over sub-chunks: store the cotangents dM', dS' of each sub-chunk's end states
@@ -225,9 +228,11 @@ def _bwd_state(Q, K, V, G, P, F, GL, CS, LAST, REF, QSTART, QLEN, MS, DY, DMOUT,
         k32 = k.to(tl.float32)
         dy = _rraw(DY, qrow, qok, rv, DV, DV)  # (BT, BV), zero on padded rows
         g = (bh * NSC + s) * BT + rt
-        A = _mm(q, tl.trans(k), PREC) * _tile(G, g, rl, BL, BL)  # (BT, BL)
+        # A = G * Q K^T as _fwd_out stored it, in q's dtype: its (BT, BL, Dk) product, the largest
+        # of an iteration, is not on the loop's path
+        A = _raw(AS, g, rl, BL, BL)  # (BT, BL)
         gk = (bh * NSC + s) * BL + rl
-        dE = (-_mm(tl.trans(A.to(dy.dtype)), dy, PREC)
+        dE = (-_mm(tl.trans(A), dy, PREC)
               - tl.load(GL + gk)[:, None] * tl.dot(k32, tl.trans(dM), input_precision=PREC)
               - tl.load(CS + gk)[:, None] * tl.dot(k32, tl.trans(dS), input_precision=PREC))  # (BL, BV)
         if HUBER:  # clamp passes the cotangent only where the error was inside [-delta, delta]
