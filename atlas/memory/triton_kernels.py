@@ -230,7 +230,7 @@ def _bwd_state(Q, K, V, AS, P, F, GL, CS, LAST, REF, QSTART, QLEN, MS, DY, DMOUT
         g = (bh * NSC + s) * BT + rt
         # A = G * Q K^T as _fwd_out stored it, in q's dtype: its (BT, BL, Dk) product, the largest
         # of an iteration, is not on the loop's path
-        A = _raw(AS, g, rl, BL, BL)  # (BT, BL)
+        A = tl.load(AS + g[:, None] * BL + rl[None, :])  # (BT, BL), in q's dtype
         gk = (bh * NSC + s) * BL + rl
         dE = (-_mm(tl.trans(A), dy, PREC)
               - tl.load(GL + gk)[:, None] * tl.dot(k32, tl.trans(dM), input_precision=PREC)
