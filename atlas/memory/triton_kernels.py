@@ -172,10 +172,11 @@ def _fwd_state(K, V, GL, CS, LAST, REF, QSTART, QLEN, M0, S0, MS, SS, MOUT, SOUT
 
 @triton.autotune(configs=_configs([32, 64], [4, 8]), key=["BT", "BL", "BK", "DV"], **_CACHE)
 @triton.jit(do_not_specialize=_ANY_T)
-def _fwd_out(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, Y, NSC, T, W1, H, DK, DV, delta,
+def _fwd_out(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, Y, AS, NSC, T, W1, H, DK, DV, delta,
              BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
              HUBER: tl.constexpr, PREC: tl.constexpr):
-    """Y of one sub-chunk and one Dv tile. Grid (NSC, B*H, Dv/BV)."""
+    """Y of one sub-chunk and one Dv tile, and A = G * Q K^T in q's dtype (AS, for _bwd_state).
+    Grid (NSC, B*H, Dv/BV)."""
     s = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -186,6 +187,8 @@ def _fwd_out(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, Y, NSC, T, W1, H, DK, 
     q, k = _rraw(Q, qrow, qok, rk, DK, DK), _rraw(K, krow, kok, rk, DK, DK)  # (BT, BK), (BL, BK)
     g = (bh * NSC + s) * BT + rt
     A = _mm(q, tl.trans(k), PREC) * _tile(G, g, rl, BL, BL)  # (BT, BL)
+    if tl.program_id(2) == 0:  # the backward's sequential pass reads A instead of recomputing it
+        _store(AS, g, rl, BL, BL, A)
     o = (bh * NSC + s) * DV * DK
     # the stored states are in q's dtype: bf16 products at full tensor-core rate
     Ms, Ss = _state(MS, o, rv, rk, DV, DK), _state(SS, o, rv, rk, DV, DK)  # (BV, BK)
@@ -201,7 +204,7 @@ def _fwd_out(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, Y, NSC, T, W1, H, DK, 
 
 @triton.autotune(configs=_configs([16, 32], [4]), key=["BT", "BL", "BK", "DV"], **_CACHE)
 @triton.jit(do_not_specialize=_ANY_T)
-def _bwd_state(Q, K, V, G, P, F, GL, CS, LAST, REF, QSTART, QLEN, MS, DY, DMOUT, DSOUT, DME, DSE, DVB, DM0, DS0,
+def _bwd_state(Q, K, V, AS, P, F, GL, CS, LAST, REF, QSTART, QLEN, MS, DY, DMOUT, DSOUT, DME, DSE, DVB, DM0, DS0,
                NSC, T, W1, H, DK, DV, delta, BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr,
                BV: tl.constexpr, HUBER: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr):
     """Reverse pass over sub-chunks: store the cotangents dM', dS' of each sub-chunk's end states
@@ -230,9 +233,11 @@ def _bwd_state(Q, K, V, G, P, F, GL, CS, LAST, REF, QSTART, QLEN, MS, DY, DMOUT,
         q, k = _rraw(Q, qrow, qok, rk, DK, DK), _rraw(K, krow, kok, rk, DK, DK)  # (BT, BK), (BL, BK)
         dy = _rraw(DY, qrow, qok, rv, DV, DV)  # (BT, BV), zero on padded rows
         g = (bh * NSC + s) * BT + rt
-        A = _mm(q, tl.trans(k), PREC) * _tile(G, g, rl, BL, BL)  # (BT, BL)
+        # A = G * Q K^T as _fwd_out stored it, in q's dtype: its (BT, BL, Dk) product, the largest
+        # of an iteration, is not on the loop's path
+        A = tl.load(AS + g[:, None] * BL + rl[None, :])  # (BT, BL), in q's dtype
         gk = (bh * NSC + s) * BL + rl
-        dE = (-_mm(tl.trans(A.to(dy.dtype)), dy, PREC)
+        dE = (-_mm(tl.trans(A), dy, PREC)
               - tl.load(GL + gk)[:, None] * _mm(k, tl.trans(dMb.to(k.dtype)), PREC)
               - tl.load(CS + gk)[:, None] * _mm(k, tl.trans(dSb.to(k.dtype)), PREC))  # (BL, BV)
         if HUBER:  # clamp passes the cotangent only where the error was inside [-delta, delta]
