@@ -1,0 +1,61 @@
+"""The scan kernels of one checkout, for an A/B of two (run it in each, on the same GPU):
+Triton's error against `chunked` (atlas.bench.kernel_error at chunk 64, and at the 300M model's
+chunk 2048 with Omega window 16), and each kernel's device time in memory_scan forward + backward
+at the 300M model's memory shape (B=2, T=4096, 8 heads of 128, chunk 2048, window 16, bf16),
+eager, summed by the profiler over 10 calls after 3 of warm-up.
+
+    python3 benchmarks/scan_kernels.py --name main --out /tmp/main.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from atlas.bench import kernel_error, scan_inputs
+from atlas.memory import memory_scan
+
+
+def kernel_ms(call, iters: int = 10) -> dict:
+    """Device ms per call of each kernel `call` launches, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            call()
+        torch.cuda.synchronize()
+    ms = {e.key: e.device_time_total / 1e3 / iters for e in prof.key_averages() if e.device_time_total > 0}
+    return dict(sorted(ms.items(), key=lambda kv: -kv[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--name", required=True, help="what this checkout is (a branch name)")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    B, T, H, D, chunk, window = 2, 4096, 8, 128, 2048, 16
+    res = {"device": torch.cuda.get_device_name(), "command": " ".join(["python3"] + sys.argv), "name": a.name,
+           "rel_err": {"chunk64": kernel_error(B, T, H, D, 64, dev),
+                       "chunk2048_w16": kernel_error(B, T, H, D, chunk, dev, window)}}
+    ins = [t.requires_grad_(True) for t in scan_inputs(B, T, H, D, dev, seed=2)]
+    dy = torch.randn(B, T, H, D, device=dev).bfloat16()  # (B, T, H, D) like y
+
+    def call():
+        memory_scan(*ins, chunk_size=chunk, window=window, impl="triton")[0].backward(dy)
+    ks = kernel_ms(call)
+    res["kernels_ms"] = dict(list(ks.items())[:25])
+    res["scan_kernels_ms"] = {k: v for k, v in ks.items() if k.startswith("_")}  # the Triton kernels: _fwd_state, ...
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+    print(a.name, {k: f"{max(v.values()):.2e}" for k, v in res["rel_err"].items()},
+          {k: round(v, 4) for k, v in res["scan_kernels_ms"].items()}, f"sum {sum(res['scan_kernels_ms'].values()):.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
