@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +20,14 @@ from .errors import UserError
 from .memory.layer import MemoryLayer
 from .model import AtlasLM
 from .train.flops import flops_per_token, peak_flops
+
+
+def gpu(script: str) -> torch.device:
+    """The CUDA device a benchmarks/ script times on; without one, one line and exit 1 (a script
+    that times GPU kernels has nothing to say on a CPU)."""
+    if not torch.cuda.is_available():
+        sys.exit(f"{script}: no CUDA device here; it times GPU kernels, so run it on a GPU machine")
+    return torch.device("cuda")
 
 
 def timed(fn, warmup: int = 3, reps: int = 10) -> float:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from atlas.bench import fwd_bwd, memory_layer, scan_inputs, timed
+from atlas.bench import fwd_bwd, gpu, memory_layer, scan_inputs, timed
 from atlas.memory import memory_scan
 
 
@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--B", type=int, default=2)
     ap.add_argument("--ways", default="eager,graphed,compiled,compiled_graphs")
     a = ap.parse_args()
-    dev, dt = torch.device("cuda"), torch.bfloat16
+    dev, dt = gpu("profile_layer.py"), torch.bfloat16
     torch.backends.cuda.matmul.allow_tf32 = True  # as atlas bench and training run
     B, T, H, D = a.B, a.T, 8, 128
     res = {"device": torch.cuda.get_device_name(), "command": " ".join(["python3"] + sys.argv),

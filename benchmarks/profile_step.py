@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from atlas.bench import autotune_picks, build_model, timed, train_step
+from atlas.bench import autotune_picks, build_model, gpu, timed, train_step
 from atlas.config import load_config
 
 SCAN = ("_fwd_state", "_fwd_out", "_bwd_state", "_bwd_q", "_bwd_k")
@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=40, help="how many kernels to list, by device time")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    dev = torch.device("cuda")
+    dev = gpu("profile_step.py")
     variants = {"atlas": []}
     for v in a.variant:
         name, _, over = v.partition(":")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from atlas.bench import GRAPHS, autotune_picks, layer_ms
+from atlas.bench import GRAPHS, autotune_picks, gpu, layer_ms
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/scaling_order_h100.json")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    dev, dt, H, D = torch.device("cuda"), torch.bfloat16, 8, 128
+    dev, dt, H, D = gpu("scaling_order.py"), torch.bfloat16, 8, 128
     rows = []
     for shape in a.shapes.split(","):
         b, t = (int(x) for x in shape.split("x"))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from atlas.bench import kernel_error, scan_inputs
+from atlas.bench import gpu, kernel_error, scan_inputs
 from atlas.memory import memory_scan
 
 
@@ -38,9 +38,7 @@ def main() -> None:
     ap.add_argument("--name", required=True, help="what this checkout is (a branch name)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("scan_kernels.py: no CUDA device here; it times the Triton kernels, so run it on a GPU machine")
-    dev = torch.device("cuda")
+    dev = gpu("scan_kernels.py")
     B, T, H, D, chunk, window = 2, 4096, 8, 128, 2048, 16
     res = {"device": torch.cuda.get_device_name(), "command": " ".join(["python3"] + sys.argv), "name": a.name,
            "rel_err": {"chunk64": kernel_error(B, T, H, D, 64, dev),

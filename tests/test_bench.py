@@ -1,5 +1,11 @@
 """atlas bench --smoke: the benchmark's code path runs on a CPU and writes the documented keys."""
 import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
 
 from atlas.cli import main
 
@@ -19,7 +25,6 @@ def test_bench_smoke_writes_json(tmp_path, capsys):
 
 def test_bench_without_a_gpu_is_one_clear_line(tmp_path, capsys, monkeypatch):
     """Not --smoke on a machine without CUDA: an error naming what to do, and --out untouched."""
-    import torch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "h100.json"
     out.write_text("{}")
@@ -42,3 +47,18 @@ def test_time_modes_keeps_the_others_when_one_fails():
     assert r["x_mode"] == "eager" and r["x_ms"] == r["x_eager_ms"] and r["x_tok_s"] > 0
     assert r["x_graphs_error"] == "RuntimeError: no graphs here"
     assert "x_mode" not in time_modes("y", {"graphs": broken}, tokens=100)
+
+
+def test_gpu_scripts_without_a_gpu_say_one_line(tmp_path):
+    """benchmarks/*.py that time GPU kernels: without CUDA, exit 1 with one line, nothing written."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    root = Path(__file__).resolve().parents[1]
+    for script in ("profile_layer.py", "profile_step.py", "scaling_order.py", "scan_kernels.py"):
+        out = tmp_path / f"{script}.json"
+        extra = ["--name", "x"] if script == "scan_kernels.py" else []
+        r = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--out", str(out), *extra],
+                           capture_output=True, text=True, cwd=root)
+        assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+            f"{script}: no CUDA device here; it times GPU kernels, so run it on a GPU machine"], (script, r.stderr)
+        assert not out.exists()
