@@ -226,10 +226,10 @@ def _bwd_state(Q, K, V, AS, P, F, GL, CS, LAST, REF, QSTART, QLEN, MS, DY, DMOUT
         tl.store(DME + o + st, dMb, mask=sm)
         tl.store(DSE + o + st, dSb, mask=sm)
         qrow, qok = _qrows(QSTART, QLEN, b, s, rt, T, H, h)
-        krow, kok = _krows(QSTART, QLEN, b, s, rl, T, W1, H, h)
-        prow = ((b * NSC + s) * BL + rl) * H + h  # the same rows in the padded (B, NSC, BL, H, D) layout
+        prow = ((b * NSC + s) * BL + rl) * H + h  # the key rows in the padded (B, NSC, BL, H, D) layout
         # every product in q's dtype, the carried cotangents' too (their stored copies, which
         # _bwd_k reads): bf16 at the tensor cores' full rate, k never widened to float32
+        krow, kok = _krows(QSTART, QLEN, b, s, rl, T, W1, H, h)
         q, k = _rraw(Q, qrow, qok, rk, DK, DK), _rraw(K, krow, kok, rk, DK, DK)  # (BT, BK), (BL, BK)
         dy = _rraw(DY, qrow, qok, rv, DV, DV)  # (BT, BV), zero on padded rows
         g = (bh * NSC + s) * BT + rt
