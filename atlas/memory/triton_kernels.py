@@ -18,7 +18,9 @@ by bf16 on the tensor cores instead of float32 at TF32 -- in the 300M step their
 19.5 to 9.6 ms with the error against `chunked` unchanged (benchmarks/README.md). The sequential
 passes' own products take the same bf16 copies (of Mr, dM, dS, and of E, dE) against bf16 k:
 their iterations cost more than in proportion to the key rows (benchmarks/README.md, wide keys),
-which a float32 copy of k (64 registers a thread at 64 x 128) made worse.
+which a float32 copy of k (64 registers a thread at 64 x 128) made worse. The parallel kernels'
+float32 intermediates meet the tensor cores rounded to bf16 the same way: E in (G * Q K^T) E and
+dY E^T, the cotangent dA of Q K^T in dQ and dK.
 Tensor layouts (all contiguous): Q, Y, dY, dQ (B, T, H, D) and K, V (B, W-1+T, H, D) (the window
 halo's rows first), read and written in place: sub-chunk s holds tokens QSTART[s] + r for
 r < QLEN[s] (its other BT - QLEN[s] rows are padding), and keys from W-1 before; the key-side
@@ -198,7 +200,7 @@ def _fwd_out(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, Y, AS, NSC, T, W1, H, 
         E = tl.minimum(tl.maximum(E, -delta), delta)
     y = (tl.load(P + g)[:, None] * _mm(q, tl.trans(Ms), PREC)
          + tl.load(F + g)[:, None] * _mm(q, tl.trans(Ss), PREC)
-         - tl.dot(A, E, input_precision=PREC))  # (BT, BV)
+         - _mm(A.to(q.dtype), E.to(q.dtype), PREC))  # (BT, BV): A as stored, E rounded like it
     _rstore(Y, qrow, qok, rv, DV, DV, y)
 
 
@@ -285,11 +287,12 @@ def _bwd_q(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, DY, DQ, DG, DA, DP, DF, 
     for v0 in range(0, DV, BV):
         rv = v0 + tl.arange(0, BV)
         Ms, Ss = _state(MS, o, rv, rk, DV, DK), _state(SS, o, rv, rk, DV, DK)  # (BV, BK), q's dtype
-        dy = _rraw(DY, qrow, qok, rv, DV, DV).to(tl.float32)  # (BT, BV), zero on padded rows
+        dyr = _rraw(DY, qrow, qok, rv, DV, DV)  # (BT, BV), zero on padded rows, in dy's dtype
+        dy = dyr.to(tl.float32)
         E = _mm(k, tl.trans(_state(MS, oref, rv, rk, DV, DK)), PREC) - _rraw(V, krow, kok, rv, DV, DV).to(tl.float32)
         if HUBER:
             E = tl.minimum(tl.maximum(E, -delta), delta)
-        dyE += tl.dot(dy, tl.trans(E), input_precision=PREC)
+        dyE += _mm(dyr, tl.trans(E.to(dyr.dtype)), PREC)
         dp += tl.sum(dy * _mm(q, tl.trans(Ms), PREC), 1)
         df += tl.sum(dy * _mm(q, tl.trans(Ss), PREC), 1)
         dq += _mm((p[:, None] * dy).to(Ms.dtype), Ms, PREC) + _mm((f[:, None] * dy).to(Ss.dtype), Ss, PREC)
@@ -297,7 +300,7 @@ def _bwd_q(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, DY, DQ, DG, DA, DP, DF, 
     dA = -_tile(G, g, rl, BL, BL) * dyE
     _store(DG, g, rl, BL, BL, -A * dyE)
     _store(DA, g, rl, BL, BL, dA)
-    _rstore(DQ, qrow, qok, rk, DK, DK, dq + tl.dot(dA, k.to(tl.float32), input_precision=PREC))
+    _rstore(DQ, qrow, qok, rk, DK, DK, dq + _mm(dA.to(k.dtype), k, PREC))
     tl.store(DP + g, dp)
     tl.store(DF + g, df)
 
@@ -341,8 +344,8 @@ def _bwd_k(Q, K, V, GL, CS, REF, QSTART, QLEN, MS, SS, DME, DSE, DVB, DA, DKK, D
                - _mm((cs[:, None] * E).to(dSe.dtype), dSe, PREC))
     qrow, qok = _qrows(QSTART, QLEN, b, s, rt, T, H, h)
     dA = _tile(DA, (bh * NSC + s) * BT + rt, rl, BL, BL)  # (BT, BL)
-    q = _rraw(Q, qrow, qok, rk, DK, DK).to(tl.float32)
-    _store(DKK, prow, rk, DK, DK, dk + tl.dot(tl.trans(dA), q, input_precision=PREC))
+    q = _rraw(Q, qrow, qok, rk, DK, DK)
+    _store(DKK, prow, rk, DK, DK, dk + _mm(tl.trans(dA.to(q.dtype)), q, PREC))
     tl.store(DGL + gk, dgl)
     tl.store(DCS + gk, dcs)
     lo = (bh * NSC + s) * 3

@@ -241,7 +241,8 @@ def _scan_bwd(dy: torch.Tensor, dM: torch.Tensor, dS: torch.Tensor, q: torch.Ten
         q, k, v, As, P, f, gl, cs, last, ref, start, qlen, Ms, dy, dM, dS, dMe, dSe, dv, dM0, dS0,
         NSC, T, W1, H, Dk, Dv, delta, BT=BT, BL=BL, BK=BK, HUBER=hub, BIG=big, PREC=prec)
     dq, dk = torch.empty_like(q), k.new_empty(B, NSC, BL, H, Dk)
-    dG, dA, dP, df, dgl, dcs, dlast = (torch.empty_like(x) for x in (G, G, P, f, gl, cs, last))
+    dG, dP, df, dgl, dcs, dlast = (torch.empty_like(x) for x in (G, P, f, gl, cs, last))
+    dA = torch.empty_like(G, dtype=q.dtype)  # (B, H, NSC, BT, BL): _bwd_k multiplies it in q's dtype
     kern._bwd_q[(NSC, B * H)](q, k, v, G, P, f, ref, start, qlen, Ms, Ss, dy, dq, dG, dA, dP, df, NSC, T, W1, H, Dk,
                               Dv, delta, BT=BT, BL=BL, BK=BK, HUBER=hub, PREC=prec)
     kern._bwd_k[(NSC, B * H)](q, k, v, gl, cs, ref, start, qlen, Ms, Ss, dMe, dSe, dv, dA, dk, dgl, dcs, dlast,
