@@ -18,7 +18,10 @@ by bf16 on the tensor cores instead of float32 at TF32 -- in the 300M step their
 19.5 to 9.6 ms with the error against `chunked` unchanged (benchmarks/README.md). The sequential
 passes' own products take the same bf16 copies (of Mr, dM, dS, and of E, dE) against bf16 k:
 their iterations cost more than in proportion to the key rows (benchmarks/README.md, wide keys),
-which a float32 copy of k (64 registers a thread at 64 x 128) made worse.
+which a float32 copy of k (64 registers a thread at 64 x 128) made worse. The parallel kernels'
+float32 intermediates meet the tensor cores rounded to bf16 the same way: E in (G * Q K^T) E and
+dY E^T, the cotangent dA of Q K^T in dQ and dK. E itself is computed once, by _fwd_state (which
+needs it for M' and S'), and stored (Es, in the states' dtype) for _fwd_out, _bwd_q and _bwd_k.
 Tensor layouts (all contiguous): Q, Y, dY, dQ (B, T, H, D) and K, V (B, W-1+T, H, D) (the window
 halo's rows first), read and written in place: sub-chunk s holds tokens QSTART[s] + r for
 r < QLEN[s] (its other BT - QLEN[s] rows are padding), and keys from W-1 before; the key-side
@@ -127,10 +130,11 @@ def _fwd_state_ins(K, V, GL, CS, LAST, QSTART, QLEN, bh, b, h, s, NSC, T, W1, H,
 
 @triton.autotune(configs=_configs([16, 32], [4]), key=["BL", "BK", "DV"], **_CACHE)
 @triton.jit(do_not_specialize=_ANY_T)
-def _fwd_state(K, V, GL, CS, LAST, REF, QSTART, QLEN, M0, S0, MS, SS, MOUT, SOUT, NSC, T, W1, H, DK, DV, delta,
+def _fwd_state(K, V, GL, CS, LAST, REF, QSTART, QLEN, M0, S0, MS, SS, ES, MOUT, SOUT, NSC, T, W1, H, DK, DV, delta,
                BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                HUBER: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr):
-    """Sequential over sub-chunks: store Ms, Ss at each start, return the final M, S. Grid (B*H, Dv/BV)."""
+    """Sequential over sub-chunks: store Ms, Ss at each start and each sub-chunk's errors E, return
+    the final M, S. Grid (B*H, Dv/BV)."""
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
     rv = tl.program_id(1) * BV + tl.arange(0, BV)
@@ -163,6 +167,8 @@ def _fwd_state(K, V, GL, CS, LAST, REF, QSTART, QLEN, M0, S0, MS, SS, MOUT, SOUT
         E = _mm(k, tl.trans(Mr.to(k.dtype)), PREC) - v  # (BL, BV)
         if HUBER:
             E = tl.minimum(tl.maximum(E, -delta), delta)
+        # the parallel kernels read E (rounded like the states) instead of recomputing K Mr^T - V
+        _store(ES, (bh * NSC + s) * BL + rl, rv, DV, DV, E)
         M_next = pl * M + fl * S - _mm(tl.trans((gl[:, None] * E).to(k.dtype)), k, PREC)
         S = pel * S - _mm(tl.trans((cs[:, None] * E).to(k.dtype)), k, PREC)
         M = M_next
@@ -172,9 +178,8 @@ def _fwd_state(K, V, GL, CS, LAST, REF, QSTART, QLEN, M0, S0, MS, SS, MOUT, SOUT
 
 @triton.autotune(configs=_configs([32, 64], [4, 8]), key=["BT", "BL", "BK", "DV"], **_CACHE)
 @triton.jit(do_not_specialize=_ANY_T)
-def _fwd_out(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, Y, AS, NSC, T, W1, H, DK, DV, delta,
-             BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-             HUBER: tl.constexpr, PREC: tl.constexpr):
+def _fwd_out(Q, K, ES, G, P, F, QSTART, QLEN, MS, SS, Y, AS, NSC, T, W1, H, DK, DV,
+             BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """Y of one sub-chunk and one Dv tile, and A = G * Q K^T in q's dtype (AS, for _bwd_state).
     Grid (NSC, B*H, Dv/BV)."""
     s = tl.program_id(0).to(tl.int64)
@@ -192,13 +197,10 @@ def _fwd_out(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, Y, AS, NSC, T, W1, H, 
     o = (bh * NSC + s) * DV * DK
     # the stored states are in q's dtype: bf16 products at full tensor-core rate
     Ms, Ss = _state(MS, o, rv, rk, DV, DK), _state(SS, o, rv, rk, DV, DK)  # (BV, BK)
-    Mr = _state(MS, (bh * NSC + tl.load(REF + s)) * DV * DK, rv, rk, DV, DK)
-    E = _mm(k, tl.trans(Mr), PREC) - _rraw(V, krow, kok, rv, DV, DV).to(tl.float32)  # (BL, BV)
-    if HUBER:
-        E = tl.minimum(tl.maximum(E, -delta), delta)
+    E = _rraw(ES, (bh * NSC + s) * BL + rl, rl < BL, rv, DV, DV)  # (BL, BV) as _fwd_state stored it
     y = (tl.load(P + g)[:, None] * _mm(q, tl.trans(Ms), PREC)
          + tl.load(F + g)[:, None] * _mm(q, tl.trans(Ss), PREC)
-         - tl.dot(A, E, input_precision=PREC))  # (BT, BV)
+         - _mm(A.to(q.dtype), E.to(q.dtype), PREC))  # (BT, BV): A as stored, E rounded like it
     _rstore(Y, qrow, qok, rv, DV, DV, y)
 
 
@@ -264,9 +266,8 @@ def _bwd_state(Q, K, V, AS, P, F, GL, CS, LAST, REF, QSTART, QLEN, MS, DY, DMOUT
 
 @triton.autotune(configs=_configs([32, 64], [4, 8]), key=["BT", "BL", "BK", "DV"], **_CACHE)
 @triton.jit(do_not_specialize=_ANY_T)
-def _bwd_q(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, DY, DQ, DG, DA, DP, DF, NSC, T, W1, H, DK, DV, delta,
-           BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-           HUBER: tl.constexpr, PREC: tl.constexpr):
+def _bwd_q(Q, K, ES, G, P, F, QSTART, QLEN, MS, SS, DY, DQ, DG, DA, DP, DF, NSC, T, W1, H, DK, DV,
+           BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """Query-side gradients of one sub-chunk (dQ, dG, dP, df) and dA, the cotangent of Q K^T that
     _bwd_k needs, looping over Dv tiles. Grid (NSC, B*H)."""
     s = tl.program_id(0).to(tl.int64)
@@ -281,15 +282,14 @@ def _bwd_q(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, DY, DQ, DG, DA, DP, DF, 
     dq = tl.zeros([BT, BK], dtype=tl.float32)
     dyE = tl.zeros([BT, BL], dtype=tl.float32)  # dY E^T, summed over Dv
     dp, df = tl.zeros([BT], dtype=tl.float32), tl.zeros([BT], dtype=tl.float32)
-    o, oref = (bh * NSC + s) * DV * DK, (bh * NSC + tl.load(REF + s)) * DV * DK
+    o, eg = (bh * NSC + s) * DV * DK, (bh * NSC + s) * BL + rl
     for v0 in range(0, DV, BV):
         rv = v0 + tl.arange(0, BV)
         Ms, Ss = _state(MS, o, rv, rk, DV, DK), _state(SS, o, rv, rk, DV, DK)  # (BV, BK), q's dtype
-        dy = _rraw(DY, qrow, qok, rv, DV, DV).to(tl.float32)  # (BT, BV), zero on padded rows
-        E = _mm(k, tl.trans(_state(MS, oref, rv, rk, DV, DK)), PREC) - _rraw(V, krow, kok, rv, DV, DV).to(tl.float32)
-        if HUBER:
-            E = tl.minimum(tl.maximum(E, -delta), delta)
-        dyE += tl.dot(dy, tl.trans(E), input_precision=PREC)
+        dyr = _rraw(DY, qrow, qok, rv, DV, DV)  # (BT, BV), zero on padded rows, in dy's dtype
+        dy = dyr.to(tl.float32)
+        E = _rraw(ES, eg, rl < BL, rv, DV, DV)  # (BL, BV) as _fwd_state stored it
+        dyE += _mm(dyr, tl.trans(E.to(dyr.dtype)), PREC)
         dp += tl.sum(dy * _mm(q, tl.trans(Ms), PREC), 1)
         df += tl.sum(dy * _mm(q, tl.trans(Ss), PREC), 1)
         dq += _mm((p[:, None] * dy).to(Ms.dtype), Ms, PREC) + _mm((f[:, None] * dy).to(Ss.dtype), Ss, PREC)
@@ -297,17 +297,15 @@ def _bwd_q(Q, K, V, G, P, F, REF, QSTART, QLEN, MS, SS, DY, DQ, DG, DA, DP, DF, 
     dA = -_tile(G, g, rl, BL, BL) * dyE
     _store(DG, g, rl, BL, BL, -A * dyE)
     _store(DA, g, rl, BL, BL, dA)
-    _rstore(DQ, qrow, qok, rk, DK, DK, dq + tl.dot(dA, k.to(tl.float32), input_precision=PREC))
+    _rstore(DQ, qrow, qok, rk, DK, DK, dq + _mm(dA.to(k.dtype), k, PREC))
     tl.store(DP + g, dp)
     tl.store(DF + g, df)
 
 
 @triton.autotune(configs=_configs([32, 64], [4, 8], (1, 2, 3)), key=["BT", "BL", "BK", "DV"], **_CACHE)
 @triton.jit(do_not_specialize=_ANY_T)
-def _bwd_k(Q, K, V, GL, CS, REF, QSTART, QLEN, MS, SS, DME, DSE, DVB, DA, DKK, DGL, DCS, DLAST, NSC, T, W1, H, DK,
-           DV, delta,
-           BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-           HUBER: tl.constexpr, PREC: tl.constexpr):
+def _bwd_k(Q, K, ES, GL, CS, REF, QSTART, QLEN, MS, SS, DME, DSE, DVB, DA, DKK, DGL, DCS, DLAST, NSC, T, W1, H, DK,
+           DV, BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """Key-side gradients of one sub-chunk (dK, dgl, dcs) and those of its end factors (pl, fl, pel),
     looping over Dv tiles. Grid (NSC, B*H)."""
     s = tl.program_id(0).to(tl.int64)
@@ -332,17 +330,15 @@ def _bwd_k(Q, K, V, GL, CS, REF, QSTART, QLEN, MS, SS, DME, DSE, DVB, DA, DKK, D
         dfl += tl.sum(dMe.to(tl.float32) * Ss, 0)
         dpel += tl.sum(dSe.to(tl.float32) * Ss, 0)
         dE = -_tile(DVB, prow, rv, DV, DV)  # (BL, BV) error cotangent, masked by Huber already
-        E = _mm(k, tl.trans(Mr), PREC) - _rraw(V, krow, kok, rv, DV, DV).to(tl.float32)
-        if HUBER:
-            E = tl.minimum(tl.maximum(E, -delta), delta)
+        E = _rraw(ES, (bh * NSC + s) * BL + rl, rl < BL, rv, DV, DV).to(tl.float32)  # (BL, BV), as stored
         dgl -= tl.sum(E * _mm(k, tl.trans(dMe), PREC), 1)
         dcs -= tl.sum(E * _mm(k, tl.trans(dSe), PREC), 1)
         dk += (_mm(dE.to(Mr.dtype), Mr, PREC) - _mm((gl[:, None] * E).to(dMe.dtype), dMe, PREC)
                - _mm((cs[:, None] * E).to(dSe.dtype), dSe, PREC))
     qrow, qok = _qrows(QSTART, QLEN, b, s, rt, T, H, h)
     dA = _tile(DA, (bh * NSC + s) * BT + rt, rl, BL, BL)  # (BT, BL)
-    q = _rraw(Q, qrow, qok, rk, DK, DK).to(tl.float32)
-    _store(DKK, prow, rk, DK, DK, dk + tl.dot(tl.trans(dA), q, input_precision=PREC))
+    q = _rraw(Q, qrow, qok, rk, DK, DK)
+    _store(DKK, prow, rk, DK, DK, dk + _mm(tl.trans(dA.to(q.dtype)), q, PREC))
     tl.store(DGL + gk, dgl)
     tl.store(DCS + gk, dcs)
     lo = (bh * NSC + s) * 3

@@ -198,21 +198,22 @@ def _scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, G: torch.Tensor
               f: torch.Tensor, gl: torch.Tensor, cs: torch.Tensor, last: torch.Tensor, ref: torch.Tensor,
               start: torch.Tensor, qlen: torch.Tensor, kback: torch.Tensor, M0: torch.Tensor, S0: torch.Tensor,
               huber: Optional[float], big: bool
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                         torch.Tensor]:
     """y (B, T, H, Dv), final M and S (B, H, Dv, Dk), and what the backward reads: the sub-chunk-start
-    states Ms, Ss (B, H, NSC, Dv, Dk) and As = G * Q K^T (B, H, NSC, BT, BL) in q's dtype."""
+    states Ms, Ss (B, H, NSC, Dv, Dk), As = G * Q K^T (B, H, NSC, BT, BL) in q's dtype and the errors
+    Es = clamp(K Mr^T - V) (B, H, NSC, BL, Dv) in the states' dtype."""
     B, T, W1, NSC, BT, BL, H, Dk, Dv, BK, prec = _launch_args(q, k, G, v.shape[-1])
     Ms = M0.new_empty(B, H, NSC, Dv, Dk, dtype=_stored(q))
     Ss, Mout, Sout = torch.empty_like(Ms), torch.empty_like(M0), torch.empty_like(S0)
     y, As = q.new_empty(B, T, H, Dv), q.new_empty(G.shape)
-    delta = huber or 0.0
+    Es = Ms.new_empty(B, H, NSC, BL, Dv)  # each sub-chunk's errors, in the states' dtype
     kern._fwd_state[lambda m: (B * H, triton.cdiv(Dv, m["BV"]))](
-        k, v, gl, cs, last, ref, start, qlen, M0, S0, Ms, Ss, Mout, Sout, NSC, T, W1, H, Dk, Dv, delta,
+        k, v, gl, cs, last, ref, start, qlen, M0, S0, Ms, Ss, Es, Mout, Sout, NSC, T, W1, H, Dk, Dv, huber or 0.0,
         BL=BL, BK=BK, HUBER=huber is not None, BIG=big, PREC=prec)
     kern._fwd_out[lambda m: (NSC, B * H, triton.cdiv(Dv, m["BV"]))](
-        q, k, v, G, P, f, ref, start, qlen, Ms, Ss, y, As, NSC, T, W1, H, Dk, Dv, delta,
-        BT=BT, BL=BL, BK=BK, HUBER=huber is not None, PREC=prec)
-    return y, Mout, Sout, Ms, Ss, As
+        q, k, Es, G, P, f, start, qlen, Ms, Ss, y, As, NSC, T, W1, H, Dk, Dv, BT=BT, BL=BL, BK=BK, PREC=prec)
+    return y, Mout, Sout, Ms, Ss, As, Es
 
 
 @_scan_fwd.register_fake
@@ -220,15 +221,15 @@ def _(q, k, v, G, P, f, gl, cs, last, ref, start, qlen, kback, M0, S0, huber, bi
     B, T, H, Dk = q.shape
     Ms = M0.new_empty(B, H, P.shape[2], v.shape[-1], Dk, dtype=_stored(q))
     return (q.new_empty(B, T, H, v.shape[-1]), torch.empty_like(M0), torch.empty_like(S0), Ms, torch.empty_like(Ms),
-            q.new_empty(G.shape))
+            q.new_empty(G.shape), Ms.new_empty(B, H, P.shape[2], G.shape[-1], v.shape[-1]))
 
 
 @torch.library.custom_op("atlas::memory_scan_bwd", mutates_args=())
 def _scan_bwd(dy: torch.Tensor, dM: torch.Tensor, dS: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor, G: torch.Tensor, P: torch.Tensor, f: torch.Tensor, gl: torch.Tensor,
               cs: torch.Tensor, last: torch.Tensor, ref: torch.Tensor, start: torch.Tensor, qlen: torch.Tensor,
-              Ms: torch.Tensor, Ss: torch.Tensor, As: torch.Tensor, huber: Optional[float], big: bool
-              ) -> list[torch.Tensor]:
+              Ms: torch.Tensor, Ss: torch.Tensor, As: torch.Tensor, Es: torch.Tensor, huber: Optional[float],
+              big: bool) -> list[torch.Tensor]:
     """Gradients of (q, G, P, f, gl, cs, last, M0, S0) given those of (y, M, S), and those of k and v
     per sub-chunk row in the padded layout (B, NSC, BL, H, D): _backward sums a token's copies."""
     B, T, W1, NSC, BT, BL, H, Dk, Dv, BK, prec = _launch_args(q, k, G, v.shape[-1])
@@ -241,16 +242,17 @@ def _scan_bwd(dy: torch.Tensor, dM: torch.Tensor, dS: torch.Tensor, q: torch.Ten
         q, k, v, As, P, f, gl, cs, last, ref, start, qlen, Ms, dy, dM, dS, dMe, dSe, dv, dM0, dS0,
         NSC, T, W1, H, Dk, Dv, delta, BT=BT, BL=BL, BK=BK, HUBER=hub, BIG=big, PREC=prec)
     dq, dk = torch.empty_like(q), k.new_empty(B, NSC, BL, H, Dk)
-    dG, dA, dP, df, dgl, dcs, dlast = (torch.empty_like(x) for x in (G, G, P, f, gl, cs, last))
-    kern._bwd_q[(NSC, B * H)](q, k, v, G, P, f, ref, start, qlen, Ms, Ss, dy, dq, dG, dA, dP, df, NSC, T, W1, H, Dk,
-                              Dv, delta, BT=BT, BL=BL, BK=BK, HUBER=hub, PREC=prec)
-    kern._bwd_k[(NSC, B * H)](q, k, v, gl, cs, ref, start, qlen, Ms, Ss, dMe, dSe, dv, dA, dk, dgl, dcs, dlast,
-                              NSC, T, W1, H, Dk, Dv, delta, BT=BT, BL=BL, BK=BK, HUBER=hub, PREC=prec)
+    dG, dP, df, dgl, dcs, dlast = (torch.empty_like(x) for x in (G, P, f, gl, cs, last))
+    dA = torch.empty_like(G, dtype=q.dtype)  # (B, H, NSC, BT, BL): _bwd_k multiplies it in q's dtype
+    kern._bwd_q[(NSC, B * H)](q, k, Es, G, P, f, start, qlen, Ms, Ss, dy, dq, dG, dA, dP, df, NSC, T, W1, H, Dk,
+                              Dv, BT=BT, BL=BL, BK=BK, PREC=prec)
+    kern._bwd_k[(NSC, B * H)](q, k, Es, gl, cs, ref, start, qlen, Ms, Ss, dMe, dSe, dv, dA, dk, dgl, dcs, dlast,
+                              NSC, T, W1, H, Dk, Dv, BT=BT, BL=BL, BK=BK, PREC=prec)
     return [dq, dk, dv, dG, dP, df, dgl, dcs, dlast, dM0, dS0]
 
 
 @_scan_bwd.register_fake
-def _(dy, dM, dS, q, k, v, G, P, f, gl, cs, last, ref, start, qlen, Ms, Ss, As, huber, big):
+def _(dy, dM, dS, q, k, v, G, P, f, gl, cs, last, ref, start, qlen, Ms, Ss, As, Es, huber, big):
     B, H, NSC, _, BL = G.shape
     dk, dv = k.new_empty(B, NSC, BL, H, k.shape[-1]), v.new_empty(B, NSC, BL, H, v.shape[-1])
     return [torch.empty_like(q), dk, dv] + [torch.empty_like(x) for x in (G, P, f, gl, cs, last, dM, dS)]
@@ -258,17 +260,18 @@ def _(dy, dM, dS, q, k, v, G, P, f, gl, cs, last, ref, start, qlen, Ms, Ss, As, 
 
 def _setup(ctx, inputs, output):
     q, k, v, G, P, f, gl, cs, last, ref, start, qlen, kback, M0, S0, huber, big = inputs
-    ctx.save_for_backward(q, k, v, G, P, f, gl, cs, last, ref, start, qlen, kback, *output[3:6])
+    ctx.save_for_backward(q, k, v, G, P, f, gl, cs, last, ref, start, qlen, kback, *output[3:7])
     ctx.huber, ctx.big = huber, big
-    ctx.set_materialize_grads(False)  # no zero-filled cotangents for Ms, Ss, As (memsets of up to 67 MB each at 4K tokens)
+    ctx.set_materialize_grads(False)  # no zero-filled cotangents for Ms, Ss, As, Es (memsets of up to 67 MB each at 4K tokens)
 
 
-def _backward(ctx, dy, dM, dS, _dMs, _dSs, _dAs):
-    q, k, v, G, P, f, gl, cs, last, ref, start, qlen, kback, Ms, Ss, As = ctx.saved_tensors
+def _backward(ctx, dy, dM, dS, _dMs, _dSs, _dAs, _dEs):
+    q, k, v, G, P, f, gl, cs, last, ref, start, qlen, kback, Ms, Ss, As, Es = ctx.saved_tensors
     dy = q.new_zeros(*q.shape[:-1], v.shape[-1]) if dy is None else dy  # (B, T, H, Dv)
     dM = Ms.new_zeros(Ms[:, :, 0].shape, dtype=torch.float32) if dM is None else dM.contiguous()  # (B, H, Dv, Dk)
     dS = Ms.new_zeros(Ms[:, :, 0].shape, dtype=torch.float32) if dS is None else dS.contiguous()
-    grads = _scan_bwd(dy, dM, dS, q, k, v, G, P, f, gl, cs, last, ref, start, qlen, Ms, Ss, As, ctx.huber, ctx.big)
+    grads = _scan_bwd(dy, dM, dS, q, k, v, G, P, f, gl, cs, last, ref, start, qlen, Ms, Ss, As, Es, ctx.huber,
+                      ctx.big)
     dk, dv = grads[1].flatten(1, 2), grads[2].flatten(1, 2)  # (B, NSC*BL, H, D): one row per sub-chunk copy
     if dk.shape[1] == k.shape[1]:  # no padding, no halo: the copies are the tokens
         dk, dv = dk.view_as(k), dv.view_as(v)
@@ -329,9 +332,9 @@ def memory_scan_triton(q, k, v, alpha, eta, theta, gamma, *, chunk_size, window,
     G, P, f, gl, cs, last = _gates_for(q.device)(alpha, eta, theta, gx, W, plan)
     # q, k, v stay in the token layout: the kernels read each sub-chunk's rows in place
     # y (B, T, H, Dv)
-    y, M, S, _, _, _ = _scan_fwd(pq.contiguous(), pkx.contiguous(), vx.contiguous(), G.contiguous(), P.contiguous(),
-                              f.contiguous(), gl.contiguous(), cs.contiguous(), last.contiguous(), plan.ref,
-                              plan.start, plan.qlen, plan.kback, state.M.contiguous(), state.S.contiguous(),
-                              huber_delta, plan.big)
+    y, M, S, *_ = _scan_fwd(pq.contiguous(), pkx.contiguous(), vx.contiguous(), G.contiguous(), P.contiguous(),
+                            f.contiguous(), gl.contiguous(), cs.contiguous(), last.contiguous(), plan.ref,
+                            plan.start, plan.qlen, plan.kback, state.M.contiguous(), state.S.contiguous(),
+                            huber_delta, plan.big)
     return y, MemoryState(M=clamp_norm(M, max_norm), S=S, k=last_rows(state.k, k, W - 1),
                           v=last_rows(state.v, v, W - 1), gamma=last_rows(state.gamma, gamma, W - 1))
