@@ -24,7 +24,7 @@ BT, BC = 32, 128  # rows (tokens) and channels per program
 BWD_ROWS = (16, 32)  # the rows per program _bwd_in's autotuner may pick
 NB = 4  # row blocks per program of the backward's second pass: fewer shares of dw to sum
 MAX_K = 4  # taps the kernels take (conv.py runs longer convs in PyTorch)
-EPS = 1e-12  # F.normalize's
+EPS = tl.constexpr(1e-12)  # F.normalize's (a constexpr: kernels may read no other globals)
 
 
 def _warps():
