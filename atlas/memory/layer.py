@@ -6,7 +6,6 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import MemoryConfig
 from .chunked import log_gates
@@ -74,21 +73,18 @@ class MemoryLayer(nn.Module):
         B, T, _ = x.shape
         H, Dk, Dv, c = self.H, self.Dk, self.Dv, self.cfg
         qkv = self.w_qkv(x)  # (B, T, 2*H*Dk + H*Dv)
-        conv_state = None
+        conv_state, w, halo = None, None, None
         if self.conv is not None:
             K = self.conv.kernel_size[0]
             halo = state.conv if state is not None else qkv.new_zeros(B, K - 1, qkv.shape[-1])
             conv_state = last_rows(halo.to(qkv.dtype), qkv, K - 1)  # (B, K-1, C), for the next call
-            # (B, T, C); the Triton kernels with the Triton scan
-            qkv = conv_silu(qkv, self.conv.weight[:, 0], halo, triton=self.impl == "triton")
-        else:
-            qkv = F.silu(qkv)
+            w = self.conv.weight[:, 0]
+        # (B, T, C): conv, SiLU and unit-norm query and key heads, in the projection's dtype (bf16
+        # q, k, v are what the Triton kernels read at full tensor-core rate); with the Triton scan
+        # one pass of the conv's kernels
+        qkv = conv_silu(qkv, w, halo, triton=self.impl == "triton", norm=(2 * H * Dk, Dk))
         q, k, v = qkv.split([H * Dk, H * Dk, H * Dv], dim=-1)
-        # back to the projection's dtype: autocast runs normalize in float32, and bf16 q, k, v are
-        # what the Triton kernels read at full tensor-core rate
-        q = F.normalize(q.view(B, T, H, Dk), dim=-1).to(qkv.dtype)  # (B, T, H, Dk)
-        k = F.normalize(k.view(B, T, H, Dk), dim=-1).to(qkv.dtype)  # (B, T, H, Dk)
-        v = v.view(B, T, H, Dv)  # (B, T, H, Dv)
+        q, k, v = q.view(B, T, H, Dk), k.view(B, T, H, Dk), v.view(B, T, H, Dv)
 
         gate_dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 logits would quantise the decays
         gates = torch.sigmoid(self.w_gates(x).to(gate_dtype)).view(B, T, H, 4)  # (B, T, H, 4)

@@ -2,7 +2,8 @@
 torch.compile traces around it). Float32 accumulation; x, y, dy in their own dtype.
 
     forward   y = silu(a),  a[t] = sum_j P[t + j] w[:, j],  P = halo ++ x         one pass over x
-    backward  da = dy * silu'(a)  (a recomputed)                                  pass 1
+              (columns < NORM: y / ||y|| over each group of GROUP columns, in the same tile)
+    backward  da = dy * silu'(a)  (a recomputed; dy first through the normalisation)  pass 1
               dP[p] = sum_j da[p - j] w[:, j]  -> dhalo = dP[:K-1], dx = dP[K-1:]
               and dw[:, j] = sum_p da[p - j] P[p]                                   pass 2
 
@@ -23,6 +24,7 @@ BT, BC = 32, 128  # rows (tokens) and channels per program
 BWD_ROWS = (16, 32)  # the rows per program _bwd_in's autotuner may pick
 NB = 4  # row blocks per program of the backward's second pass: fewer shares of dw to sum
 MAX_K = 4  # taps the kernels take (conv.py runs longer convs in PyTorch)
+EPS = tl.constexpr(1e-12)  # F.normalize's (a constexpr: kernels may read no other globals)
 
 
 def _warps():
@@ -61,23 +63,34 @@ def _act(X, HALO, Wt, b, rt, rc, T, C, K: tl.constexpr, BT: tl.constexpr, BC: tl
     return a
 
 
-@triton.autotune(configs=_warps(), key=["C", "K"], **_CACHE)
 @triton.jit
-def _fwd(X, HALO, Wt, Y, T, C, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """Grid (B, T/BT, C/BC)."""
+def _group_sums(x, BT: tl.constexpr, BC: tl.constexpr, GROUP: tl.constexpr):
+    """(BT, BC) -> the sum over each group of GROUP columns, broadcast back to (BT, BC)."""
+    g = tl.sum(tl.reshape(x, (BT, BC // GROUP, GROUP)), 2)  # (BT, BC // GROUP)
+    return tl.reshape(tl.broadcast_to(g[:, :, None], (BT, BC // GROUP, GROUP)), (BT, BC))
+
+
+@triton.autotune(configs=_warps(), key=["C", "K", "GROUP"], **_CACHE)
+@triton.jit
+def _fwd(X, HALO, Wt, Y, T, C, NORM, K: tl.constexpr, GROUP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """Grid (B, T/BT, C/BC). GROUP = 0: no normalisation."""
     b = tl.program_id(0).to(tl.int64)
     rt = tl.program_id(1) * BT + tl.arange(0, BT)
     rc = tl.program_id(2) * BC + tl.arange(0, BC)
     a = _act(X, HALO, Wt, b, rt, rc, T, C, K, BT, BC)
     y = a * tl.sigmoid(a)
+    if GROUP > 0:  # F.normalize: y / max(||y||, eps)
+        den = tl.maximum(tl.sqrt(_group_sums(y * y, BT, BC, GROUP)), EPS)
+        y = tl.where((rc < NORM)[None, :], y / den, y)
     tl.store(Y + (b * T + rt)[:, None] * C + rc[None, :], y.to(Y.dtype.element_ty),
              mask=(rt < T)[:, None] & (rc < C)[None, :])
 
 
-@triton.autotune(configs=_warps(), key=["C", "K"], **_CACHE)
+@triton.autotune(configs=_warps(), key=["C", "K", "GROUP"], **_CACHE)
 @triton.jit
-def _bwd_act(X, HALO, Wt, DY, DA, T, C, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """da = dy * silu'(a). Grid (B, T/BT, C/BC)."""
+def _bwd_act(X, HALO, Wt, DY, DA, T, C, NORM, K: tl.constexpr, GROUP: tl.constexpr, BT: tl.constexpr,
+             BC: tl.constexpr):
+    """da = dy * silu'(a), dy first through the normalisation's backward. Grid (B, T/BT, C/BC)."""
     b = tl.program_id(0).to(tl.int64)
     rt = tl.program_id(1) * BT + tl.arange(0, BT)
     rc = tl.program_id(2) * BC + tl.arange(0, BC)
@@ -85,7 +98,15 @@ def _bwd_act(X, HALO, Wt, DY, DA, T, C, K: tl.constexpr, BT: tl.constexpr, BC: t
     a = _act(X, HALO, Wt, b, rt, rc, T, C, K, BT, BC)
     s = tl.sigmoid(a)
     off = (b * T + rt)[:, None] * C + rc[None, :]
-    da = tl.load(DY + off, mask=m, other=0.0).to(tl.float32) * s * (1 + a * (1 - s))
+    dy = tl.load(DY + off, mask=m, other=0.0).to(tl.float32)
+    if GROUP > 0:  # u = y / max(n, eps), n = ||y||: dy/den - u (u . dy)/den where n > eps, else dy/eps
+        y = a * s
+        n = tl.sqrt(_group_sums(y * y, BT, BC, GROUP))
+        den = tl.maximum(n, EPS)
+        u = y / den
+        dyn = dy / den - tl.where(n > EPS, u * _group_sums(u * dy, BT, BC, GROUP) / den, 0.0)
+        dy = tl.where((rc < NORM)[None, :], dyn, dy)
+    da = dy * s * (1 + a * (1 - s))
     tl.store(DA + off, da.to(DA.dtype.element_ty), mask=m)
 
 
@@ -143,24 +164,28 @@ def _bwd_in(X, HALO, DA, Wt, DX, DHALO, DWP, T, C, K: tl.constexpr, NB: tl.const
 
 
 @torch.library.custom_op("atlas::conv_silu_fwd", mutates_args=())
-def _conv_fwd(x: torch.Tensor, w: torch.Tensor, halo: torch.Tensor) -> torch.Tensor:
+def _conv_fwd(x: torch.Tensor, w: torch.Tensor, halo: torch.Tensor, norm: int, group: int) -> torch.Tensor:
+    """group: 0, or a power of two dividing BC (conv.py checks)."""
     B, T, C = x.shape
     y = torch.empty_like(x)
-    _fwd[(B, triton.cdiv(T, BT), triton.cdiv(C, BC))](x, halo, w, y, T, C, K=w.shape[1], BT=BT, BC=BC)
+    _fwd[(B, triton.cdiv(T, BT), triton.cdiv(C, BC))](x, halo, w, y, T, C, norm, K=w.shape[1], GROUP=group,
+                                                       BT=BT, BC=BC)
     return y
 
 
 @_conv_fwd.register_fake
-def _(x, w, halo):
+def _(x, w, halo, norm, group):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("atlas::conv_silu_bwd", mutates_args=())
-def _conv_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, halo: torch.Tensor) -> list[torch.Tensor]:
+def _conv_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, halo: torch.Tensor, norm: int,
+              group: int) -> list[torch.Tensor]:
     B, T, C = x.shape
     K = w.shape[1]
     da = torch.empty_like(x)
-    _bwd_act[(B, triton.cdiv(T, BT), triton.cdiv(C, BC))](x, halo, w, dy.contiguous(), da, T, C, K=K, BT=BT, BC=BC)
+    _bwd_act[(B, triton.cdiv(T, BT), triton.cdiv(C, BC))](x, halo, w, dy.contiguous(), da, T, C, norm, K=K,
+                                                          GROUP=group, BT=BT, BC=BC)
     dx, dhalo = torch.empty_like(x), torch.empty_like(halo)
     nb = min(NB, triton.cdiv(K - 1 + T, min(BWD_ROWS)))
     most = triton.cdiv(K - 1 + T, nb * min(BWD_ROWS))  # programs along the rows with the smallest tile
@@ -171,21 +196,24 @@ def _conv_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, halo: torch.Te
 
 
 @_conv_bwd.register_fake
-def _(dy, x, w, halo):
+def _(dy, x, w, halo, norm, group):
     return [torch.empty_like(x), torch.empty_like(w), torch.empty_like(halo)]
 
 
 def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:3])
+    ctx.norm = inputs[3:]
 
 
 def _backward(ctx, dy):
-    return tuple(_conv_bwd(dy, *ctx.saved_tensors))
+    return (*_conv_bwd(dy, *ctx.saved_tensors, *ctx.norm), None, None)
 
 
 _conv_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def conv_silu_triton(x: torch.Tensor, w: torch.Tensor, halo: torch.Tensor) -> torch.Tensor:
-    """conv.py's conv_silu on the kernels: x (B, T, C), w (C, K), halo (B, K-1, C)."""
-    return _conv_fwd(x.contiguous(), w.contiguous(), halo.to(x.dtype).contiguous())
+def conv_silu_triton(x: torch.Tensor, w: torch.Tensor, halo: torch.Tensor, norm: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """conv.py's conv_silu on the kernels: x (B, T, C), w (C, K), halo (B, K-1, C); norm (cols,
+    group) with group a power of two up to BC."""
+    cols, group = norm
+    return _conv_fwd(x.contiguous(), w.contiguous(), halo.to(x.dtype).contiguous(), cols, group if cols else 0)
