@@ -321,7 +321,9 @@ def run(out_path: Path, smoke: bool, sections=SECTIONS, compile_model: bool = Tr
     def save():  # after every section: a run cut short keeps what it measured
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=1) + "\n")
-    cmd = "atlas bench" + (" --smoke" if smoke else "")
+    base = "atlas bench" + (" --smoke" if smoke else "")
+    # the command that remakes this file's sections as they were run
+    cmd = base if set(sections) == set(SECTIONS) else f"{base} --sections {','.join(s for s in SECTIONS if s in sections)}"
     best = impls[-1]
     if "layer" in sections:
         result["layer"] = bench_layer(B, T, H, D, chunk, dtype, device, impls)

@@ -21,6 +21,11 @@ def test_bench_smoke_writes_json(tmp_path, capsys):
     # the fixed-token series: B*T the same at every T
     assert len({s["B"] * s["T"] for s in r["scaling_fixed_tokens"]}) == 1 and [s["B"] for s in r["scaling"]] == [1, 1]
     assert "atlas_chunked" in capsys.readouterr().out
+    assert set(r["commands"].values()) == {"atlas bench --smoke"}
+    # one section again: the others kept, and the command names what remakes each
+    assert main(["bench", "--smoke", "--sections", "decode", "--out", str(out)]) == 0
+    r2 = json.loads(out.read_text())
+    assert r2["commands"]["decode"] == "atlas bench --smoke --sections decode" and r2["layer"] == r["layer"]
 
 
 def test_bench_without_a_gpu_is_one_clear_line(tmp_path, capsys, monkeypatch):
