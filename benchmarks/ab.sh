@@ -1,0 +1,33 @@
+#!/bin/bash
+# A/B of branches on one GPU host: each branch runs from its own copy of atlas/, benchmarks/ and
+# tests/, the working tree is "main". Copies travel to the GPU machine in a git-ignored folder.
+#
+#   here:        bash benchmarks/ab.sh prepare attempt/band-sum attempt/f-lcse   # -> .carry/band-sum, .carry/f-lcse
+#   GPU machine: bash benchmarks/ab.sh kernels band-sum f-lcse   # scan kernels' errors and ms (scan_kernels.py) -> $OUT/scan_<name>.json
+#                bash benchmarks/ab.sh model band-sum f-lcse     # the 300M step (atlas bench --sections model) -> $OUT/model_<name>.json
+#                TESTS=1 bash benchmarks/ab.sh ...               # each copy's GPU tests first (~2 min each)
+# One host for all of them: compare within a call, not across calls (H100 hosts differ by ~10-25%).
+set -u
+what=${1:?usage: bash benchmarks/ab.sh prepare|kernels|model NAME...}
+shift
+DIR=${AB_DIR:-.carry}
+if [ "$what" = prepare ]; then
+  for b in "$@"; do
+    n=${b#attempt/}
+    rm -rf "$DIR/$n" && mkdir -p "$DIR/$n" && git archive "$b" atlas benchmarks tests | tar -x -C "$DIR/$n" && echo "$DIR/$n <- $b ($(git rev-parse --short "$b"))"
+  done
+  exit 0
+fi
+: "${OUT:?set OUT to the folder for results (the device tool sets it)}"
+for n in main "$@"; do
+  d=$PWD; [ "$n" = main ] || d=$PWD/$DIR/$n
+  if [ -n "${TESTS:-}" ] && [ "$n" != main ]; then
+    (cd "$d" && PYTHONPATH=$d ATLAS_TRITON_TUNE=0 timeout 300 python3 -m pytest -q -x tests/test_triton_scan.py tests/test_conv.py 2>&1 | tail -1 | sed "s/^/$n tests: /")
+  fi
+  case $what in
+    kernels) PYTHONPATH=$d timeout 150 python3 benchmarks/scan_kernels.py --name "$n" --out "$OUT/scan_$n.json" 2>&1 | grep -v -i warn | tail -1 ;;
+    model) (cd "$d" && PYTHONPATH=$d timeout 220 python3 -m atlas.cli bench --sections model --out "$OUT/model_$n.json" > "$OUT/log_$n.txt" 2>&1)
+           echo "$n: $(grep -E 'ratio' "$OUT/log_$n.txt" | tail -1)" ;;
+    *) echo "unknown: $what (prepare, kernels or model)" >&2; exit 2 ;;
+  esac
+done
