@@ -1,5 +1,6 @@
 """atlas bench --smoke: the benchmark's code path runs on a CPU and writes the documented keys."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,16 @@ def test_gpu_scripts_without_a_gpu_say_one_line(tmp_path):
         assert r.returncode == 1 and r.stderr.strip().splitlines() == [
             f"{script}: no CUDA device here; it times GPU kernels, so run it on a GPU machine"], (script, r.stderr)
         assert not out.exists()
+
+
+def test_ab_script_prepares_copies_and_refuses_unknown_modes(tmp_path):
+    """benchmarks/ab.sh: `prepare` puts a branch's atlas/, benchmarks/, tests/ in a folder of its
+    own; a mode it does not know is one line and exit 2."""
+    root = Path(__file__).resolve().parents[1]
+    if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    env = {**os.environ, "AB_DIR": str(tmp_path), "OUT": str(tmp_path)}
+    r = subprocess.run(["bash", "benchmarks/ab.sh", "prepare", "HEAD"], cwd=root, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and (tmp_path / "HEAD" / "atlas" / "memory" / "triton_scan.py").exists()
+    r = subprocess.run(["bash", "benchmarks/ab.sh", "timing", "HEAD"], cwd=root, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["unknown: timing (prepare, kernels or model)"]
