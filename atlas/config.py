@@ -98,6 +98,9 @@ class Phase:
 @dataclass
 class TrainConfig:
     max_steps: Optional[int] = None  # None: the sum of the stages' steps
+    # stop after this much wall time (checked at log steps): that step is validated and
+    # checkpointed as the last, and `--resume` continues the same schedule (a job's time limit)
+    max_minutes: Optional[float] = None
     seq_len: int = 256
     batch_size: int = 8
     grad_accum: int = 1

@@ -166,3 +166,19 @@ def test_gate_drift_after_a_resume_from_between_stats_rows(tmp_path):
     assert main(["train", "--resume", str(b), "train.max_steps=6"]) == 0
     drift = lambda run: [r["gate_drift"] for r in rows(run, "train_steps") if r["step"] == 6][-1]  # noqa: E731
     assert drift(b) == drift(a)
+
+
+def test_time_limit_stops_at_a_log_step_and_resume_continues(tmp_path):
+    """train.max_minutes: the first log step past the limit is the last (validated, checkpointed,
+    a time_limit event); --resume without the limit goes on exactly as an uninterrupted run."""
+    a, b = tmp_path / "A", tmp_path / "B"
+    common = SMALL + ["train.log_every=2", "train.checkpoint_every=100", "train.seed=3", "train.max_steps=6"]
+    assert main(["train", "tiny", "--run-dir", str(a), *common]) == 0
+    tok = str(a / "tokenizer.json")
+    assert main(["train", "tiny", "--run-dir", str(b), "train.max_minutes=0", f"data.tokenizer={tok}", *common]) == 0
+    assert [e["step"] for e in rows(b, "events") if e["event"] == "time_limit"] == [2]
+    assert rows(b, "val_metrics")[-1]["step"] == 2 and (b / "checkpoints" / "checkpoint_2" / "COMPLETE").is_file()
+    assert main(["train", "--resume", str(b), "train.max_minutes=null"]) == 0
+    loss_a = {r["step"]: r["loss"] for r in rows(a, "train_steps")}
+    loss_b = {r["step"]: r["loss"] for r in rows(b, "train_steps")}
+    assert max(loss_b) == 6 and [loss_b[s] for s in (4, 6)] == [loss_a[s] for s in (4, 6)]

@@ -82,6 +82,7 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
     # (step, gates) of the last stats row, for gate_drift: at step 0 the gates' init
     init_gates = [cfg.model.gate.init] * sum(b.has_memory for b in model.blocks)
     gates_then = gates_before(run_dir, step, init_gates) if step else (0, init_gates)
+    t_start = time.perf_counter()
     while step < last_step:
         # ---- stage: the memory chunk size and LR scale of this part of the run (TNT)
         idx, stage = stage_at(cfg, step)
@@ -114,6 +115,11 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
         steps_since_log += 1
         if bar is not None:
             bar.update(1)
+        if step % t.log_every == 0 and step < last_step and out_of_time(t_start, t.max_minutes):
+            last_step = step  # this step logs, validates and checkpoints as the last one
+            log.record("events", {"step": step, "event": "time_limit", "max_minutes": t.max_minutes})
+            log.line(f"step {step}: train.max_minutes={t.max_minutes:g} reached; stopping here "
+                     f"(atlas train --resume {run_dir} continues)")
 
         # ---- logging (the only host syncs are here, every log_every steps)
         if step % t.log_every == 0 or step == last_step:
@@ -167,6 +173,13 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
     log.close()
     parallel.teardown()
     return run_dir
+
+
+def out_of_time(t_start: float, max_minutes: float | None) -> bool:
+    """Whether any rank has run past max_minutes (a host sync: called at log steps only)."""
+    if max_minutes is None:
+        return False
+    return parallel.mean(float(time.perf_counter() - t_start > max_minutes * 60)) > 0
 
 
 def stop_diverged(log, step: int, run_dir: Path, what: str) -> None:

@@ -14,7 +14,7 @@ from .checkpoint import complete_checkpoints
 # Keys a resumed run may change: they steer logging and stopping, not the trajectory.
 RESUMABLE = {"name", "train.max_steps", "train.log_every", "train.stats_every", "train.val_every",
              "train.val_batches", "train.sample_every", "train.sample_tokens", "train.checkpoint_every",
-             "train.keep_last", "train.compile", "train.device"}
+             "train.keep_last", "train.compile", "train.device", "train.max_minutes"}
 
 
 def default_run_dir(cfg: Config) -> Path:
