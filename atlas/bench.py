@@ -6,6 +6,7 @@ inputs. `--smoke` runs tiny shapes on whatever device there is (a CPU check of t
 """
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import sys
@@ -36,9 +37,22 @@ def timed(fn, warmup: int = 3, reps: int = 10) -> float:
 
 
 def times_ms(fn, warmup: int = 3, reps: int = 10) -> list[float]:
-    """Milliseconds of each of `reps` calls of fn() after `warmup` untimed ones."""
+    """Milliseconds of each of `reps` calls of fn() after `warmup` untimed ones. Python's cyclic
+    garbage collector is off while they run (as in `timeit`): in host-bound code (decoding) a
+    collection landing in one call is the host's noise, not the call's cost."""
     for _ in range(warmup):
         fn()
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _timed_reps(fn, reps)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _timed_reps(fn, reps: int) -> list[float]:
     cuda = torch.cuda.is_available()
     times = []
     for _ in range(reps):
