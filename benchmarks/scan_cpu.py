@@ -4,7 +4,7 @@ gate algebra that `chunked` shares with the Triton path (it is not a GPU number)
     python3 benchmarks/scan_cpu.py --name main --out /tmp/scan_cpu_main.json
     PYTHONPATH=.carry/band-sum python3 benchmarks/scan_cpu.py --name band-sum ...   # a branch copy
 
-Median of 5 timed runs after 2 warm-up ones, random inputs, float32.
+Median of 5 timed runs after 2 warm-up ones, `atlas bench`'s random inputs in float32.
 """
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from atlas.bench import times_ms
+from atlas.bench import scan_inputs, times_ms
 from atlas.memory import memory_scan
 
 
@@ -32,15 +31,12 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--window", type=int, default=16)
     a = ap.parse_args()
-    g = torch.Generator().manual_seed(0)
     B, T, H, D = a.B, a.T, a.H, a.D
-    q, k = (F.normalize(torch.randn(B, T, H, D, generator=g), dim=-1).requires_grad_(True) for _ in range(2))
-    v = torch.randn(B, T, H, D, generator=g).requires_grad_(True)
-    alpha, theta = (0.1 * torch.rand(B, T, H, generator=g)).requires_grad_(True), (0.1 * torch.rand(B, T, H, generator=g)).requires_grad_(True)
-    eta = torch.rand(B, T, H, generator=g).requires_grad_(True)
+    # atlas bench's random inputs (bf16 q, k, v there), in float32
+    ins = [t.float().requires_grad_(True) for t in scan_inputs(B, T, H, D, torch.device("cpu"))]
 
     def step():
-        y, _ = memory_scan(q, k, v, alpha, eta, theta, chunk_size=a.chunk, window=a.window, impl="chunked")
+        y, _ = memory_scan(*ins, chunk_size=a.chunk, window=a.window, impl="chunked")
         y.square().mean().backward()
     ms = statistics.median(times_ms(step, warmup=2, reps=5))
     res = {"name": a.name, "command": " ".join(["python3"] + sys.argv), "torch": torch.__version__,
