@@ -251,6 +251,7 @@ def validate(cfg: Config, src: str) -> Config:
         (t.seq_len <= m.max_seq_len, f"train.seq_len {t.seq_len} exceeds model.max_seq_len {m.max_seq_len}"),
         (t.lr > 0 and t.warmup_steps >= 0, "train.lr must be > 0 and train.warmup_steps >= 0"),
         (t.max_steps is None or t.max_steps >= 1, "train.max_steps must be >= 1"),
+        (t.max_minutes is None or t.max_minutes >= 0, "train.max_minutes must be >= 0 or null"),
         (min(t.log_every, t.stats_every, t.val_every, t.sample_every, t.checkpoint_every) >= 1,
          "train.log_every, stats_every, val_every, sample_every and checkpoint_every must be >= 1"),
         (t.keep_last >= 1, "train.keep_last must be >= 1"),

@@ -33,6 +33,7 @@ def test_seed_table_verbatim():
     ("model.memory.rule=adam", "choose one of 'gd', 'momentum', 'muon'"),
     ("model.n_layers=two", "must be an integer"),
     ("train.seq_len=4096", "exceeds model.max_seq_len"),
+    ("train.max_minutes=-1", "train.max_minutes must be >= 0 or null"),
     ("nokey", "must look like key.path=value"),
     ("train.phases=[{steps: 5, mode: episodic}]", "needs a task that marks facts"),
     ("train.phases=[{steps: 5, mode: forget}]", "choose one of 'normal', 'storage', 'retrieval', 'episodic'"),
