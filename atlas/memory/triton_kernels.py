@@ -1,5 +1,6 @@
 """Triton kernels of the memory scan (DESIGN.md §1): two sequential passes over sub-chunks for the
-states, three parallel kernels (one forward, two backward) for everything else. triton_scan.py prepares their inputs.
+states, three parallel kernels (one forward, two backward) for everything else. triton_scan.py
+prepares their inputs.
 
 Per (batch, head) and sub-chunk s, with Q (BT, Dk) the sub-chunk's phi(q), K (BL, Dk) and V (BL, Dv)
 its window keys and values (W-1 halo rows first), Ms, Ss (Dv, Dk) the memory and momentum at the

@@ -262,7 +262,8 @@ def _setup(ctx, inputs, output):
     q, k, v, G, P, f, gl, cs, last, ref, start, qlen, kback, M0, S0, huber, big = inputs
     ctx.save_for_backward(q, k, v, G, P, f, gl, cs, last, ref, start, qlen, kback, *output[3:7])
     ctx.huber, ctx.big = huber, big
-    ctx.set_materialize_grads(False)  # no zero-filled cotangents for Ms, Ss, As, Es (memsets of up to 67 MB each at 4K tokens)
+    # no zero-filled cotangents for Ms, Ss, As, Es (memsets of up to 67 MB each at 4K tokens)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, dM, dS, _dMs, _dSs, _dAs, _dEs):
