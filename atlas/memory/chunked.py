@@ -22,14 +22,32 @@ from .state import MemoryState, apply_poly, clamp_norm, newton_schulz5
 _GATE_MIN = 1e-35  # eta = 0 becomes exp(-80.6): still a float32 normal, and log's gradient stays finite
 
 
+class _DecayExp(torch.autograd.Function):
+    """L = exp(diff) (masked to the causal triangle) from float64 log-cumsums, in `dtype`, with a
+    backward in `dtype`: dcum_j = sum_r t[j, r] - sum_r t[r, j], t = dL * L. Only the exponent
+    needs float64 (differences of long sums); autograd's own backward ran the gradient in float64
+    too and wrote that (n, n) float64 gradient out between its two reductions."""
+
+    @staticmethod
+    def forward(ctx, cum, causal, dtype):
+        diff = cum[..., :, None] - cum[..., None, :]  # (..., n, n)
+        L = torch.exp(diff.masked_fill(~causal, float("-inf"))).to(dtype)
+        ctx.save_for_backward(L)
+        return L
+
+    @staticmethod
+    def backward(ctx, dL):
+        L, = ctx.saved_tensors
+        t = dL * L  # zero above the diagonal, where L is
+        return (t.sum(-1) - t.sum(-2)).double(), None, None
+
+
 def _decay_matrix(log_gate: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """log_gate (..., n) -> (L, cum): L[j, r] = prod_{r<l<=j} gate_l for r <= j, else 0; cum = log prod_{l<=j}."""
     cum = torch.cumsum(log_gate.double(), dim=-1)  # float64: differences of long sums stay exact
-    diff = cum[..., :, None] - cum[..., None, :]  # (..., n, n)
     n = log_gate.shape[-1]
     causal = torch.ones(n, n, dtype=torch.bool, device=log_gate.device).tril()
-    L = torch.exp(diff.masked_fill(~causal, float("-inf"))).to(dtype)
-    return L, cum
+    return _DecayExp.apply(cum, causal, dtype), cum
 
 
 def clamp_gates(alpha: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +73,7 @@ def gate_products(log_beta, log_eta, th, g, W: int, dtype):
     Le, ce = _decay_matrix(log_eta, dtype)
     P = torch.exp(cb).to(dtype)  # prod_{l<=j} beta_l
     Pe = torch.exp(ce).to(dtype)  # prod_{l<=j} eta_l
-    f = (Lb @ Pe[..., None])[..., 0]
+    f = (Lb * Pe[..., None, :]).sum(-1)  # Lb @ Pe as a row sum: fused with Lb's making, no matvec
     m = torch.arange(log_beta.shape[-1], device=g.device)[:, None]
     i = torch.arange(g.shape[-1], device=g.device)[None, :]
     band = ((i >= m) & (i <= m + W - 1)).to(dtype)  # (n, L): key i is in query m's window
@@ -108,7 +126,7 @@ def _scan_chunks(pkx, vx, gx, pq, log_beta, log_eta, th, M, S, s0, n, nc, W, dt,
 
     # Le (B, H, nc, n, n); P, Pe, f (B, H, nc, n); th_band, G (B, H, nc, n, n+W-1)
     Le, P, Pe, f, th_band, G = gate_products(log_beta[..., qi], log_eta[..., qi], th[..., qi], g, W, dt)
-    c_S = ((Le[..., -1:, :] @ th_band) * g[..., None, :])[..., 0, :]  # (B, H, nc, n+W-1)
+    c_S = (Le[..., -1, :, None] * th_band).sum(-2) * g  # (B, H, nc, n+W-1): Le's last row times th_band
     A = G * (q_c @ pk.transpose(-1, -2))  # (B, H, nc, n, n+W-1): queries against window keys
 
     M_refs, S_seens, errs = [], [], []

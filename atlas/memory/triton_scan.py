@@ -156,7 +156,7 @@ def _gates(alpha, eta, theta, gx, W, plan):
             return x[:, :, :, plan.last_row]
         idx = plan.last.view(1, 1, -1, 1, *(1,) * (x.dim() - 4)).expand(*x.shape[:3], 1, *x.shape[4:])
         return x.gather(3, idx).squeeze(3)
-    cs = (at_last(Le)[..., None, :] @ thb)[..., 0, :] * gk  # (B, H, NSC, BL)
+    cs = (at_last(Le)[..., :, None] * thb).sum(-2) * gk  # (B, H, NSC, BL): Le's last row times thb
     last = torch.stack([at_last(P), at_last(f), at_last(Pe)], dim=-1)  # (B, H, NSC, 3): pl, fl, pel
     return G, P, f, at_last(G), cs, last
 
