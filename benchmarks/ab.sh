@@ -2,12 +2,13 @@
 # A/B of branches on one GPU host: each branch runs from its own copy of atlas/, benchmarks/ and
 # tests/, the working tree is "main". Copies travel to the GPU machine in a git-ignored folder.
 #
-#   here:        bash benchmarks/ab.sh prepare attempt/band-sum attempt/f-lcse   # -> .carry/band-sum, .carry/f-lcse
-#   GPU machine: bash benchmarks/ab.sh kernels band-sum f-lcse   # scan kernels' errors and ms (scan_kernels.py) -> $OUT/scan_<name>.json
-#                bash benchmarks/ab.sh model band-sum f-lcse     # the 300M step (atlas bench --sections model) -> $OUT/model_<name>.json
-#                bash benchmarks/ab.sh decode decode-compile     # decoding, 1K-32K (atlas bench --sections decode) -> $OUT/decode_<name>.json
-#                TESTS=1 bash benchmarks/ab.sh ...               # each copy's GPU tests first (~2 min each)
+#   here:        bash benchmarks/ab.sh prepare attempt/x attempt/y   # -> .carry/x, .carry/y
+#   GPU machine: bash benchmarks/ab.sh kernels x y   # scan kernels' errors and ms (scan_kernels.py) -> $OUT/scan_<name>.json
+#                bash benchmarks/ab.sh model x y     # the 300M step (atlas bench --sections model) -> $OUT/model_<name>.json
+#                bash benchmarks/ab.sh decode x      # decoding, 1K-32K (atlas bench --sections decode) -> $OUT/decode_<name>.json
+#                TESTS=1 bash benchmarks/ab.sh ...   # each copy's GPU tests first (~2 min each)
 # One host for all of them: compare within a call, not across calls (H100 hosts differ by ~10-25%).
+# Measure a branch in the session that writes it: only main is sure to reach the next checkout.
 set -u
 what=${1:?usage: bash benchmarks/ab.sh prepare|kernels|model|decode NAME...}
 shift

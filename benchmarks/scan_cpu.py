@@ -2,7 +2,7 @@
 gate algebra that `chunked` shares with the Triton path (it is not a GPU number).
 
     python3 benchmarks/scan_cpu.py --name main --out /tmp/scan_cpu_main.json
-    PYTHONPATH=.carry/band-sum python3 benchmarks/scan_cpu.py --name band-sum ...   # a branch copy
+    PYTHONPATH=.carry/x python3 benchmarks/scan_cpu.py --name x ...   # a branch copy (benchmarks/ab.sh prepare)
 
 Median of 5 timed runs after 2 warm-up ones, `atlas bench`'s random inputs in float32.
 """

@@ -25,8 +25,8 @@ _GATE_MIN = 1e-35  # eta = 0 becomes exp(-80.6): still a float32 normal, and log
 class _DecayExp(torch.autograd.Function):
     """L = exp(diff) (masked to the causal triangle) from float64 log-cumsums, in `dtype`, with a
     backward in `dtype`: dcum_j = sum_r t[j, r] - sum_r t[r, j], t = dL * L. Only the exponent
-    needs float64 (differences of long sums); autograd's own backward ran the gradient in float64
-    too and wrote that (n, n) float64 gradient out between its two reductions."""
+    needs float64 (differences of long sums); autograd's own backward ran the whole (n, n)
+    gradient in float64 too (benchmarks/README.md, tenth session: gate-sums)."""
 
     @staticmethod
     def forward(ctx, cum, causal, dtype):
