@@ -4,13 +4,14 @@
 #
 #   here:        bash benchmarks/ab.sh prepare attempt/x attempt/y   # -> .carry/x, .carry/y
 #   GPU machine: bash benchmarks/ab.sh kernels x y   # scan kernels' errors and ms (scan_kernels.py) -> $OUT/scan_<name>.json
+#                bash benchmarks/ab.sh conv x y      # conv kernels' errors and ms (conv_kernels.py) -> $OUT/conv_<name>.json
 #                bash benchmarks/ab.sh model x y     # the 300M step (atlas bench --sections model) -> $OUT/model_<name>.json
 #                bash benchmarks/ab.sh decode x      # decoding, 1K-32K (atlas bench --sections decode) -> $OUT/decode_<name>.json
 #                TESTS=1 bash benchmarks/ab.sh ...   # each copy's GPU tests first (~2 min each)
 # One host for all of them: compare within a call, not across calls (H100 hosts differ by ~10-25%).
 # Measure a branch in the session that writes it: only main is sure to reach the next checkout.
 set -u
-what=${1:?usage: bash benchmarks/ab.sh prepare|kernels|model|decode NAME...}
+what=${1:?usage: bash benchmarks/ab.sh prepare|kernels|conv|model|decode NAME...}
 shift
 DIR=${AB_DIR:-.carry}
 if [ "$what" = prepare ]; then
@@ -28,6 +29,7 @@ for n in main "$@"; do
   fi
   case $what in
     kernels) PYTHONPATH=$d timeout 150 python3 benchmarks/scan_kernels.py --name "$n" --out "$OUT/scan_$n.json" 2>&1 | grep -v -i warn | tail -1 ;;
+    conv) PYTHONPATH=$d timeout 150 python3 benchmarks/conv_kernels.py --name "$n" --out "$OUT/conv_$n.json" 2>&1 | grep -v -i warn | tail -1 ;;
     model|decode) (cd "$d" && PYTHONPATH=$d timeout 220 python3 -m atlas.cli bench --sections "$what" --out "$OUT/${what}_$n.json" > "$OUT/log_${what}_$n.txt" 2>&1)
            echo "$n: $(grep -E '^300M|^decode \(' "$OUT/log_${what}_$n.txt" | tail -1)" ;;
     *) echo "unknown: $what (prepare, kernels, model or decode)" >&2; exit 2 ;;

@@ -51,8 +51,10 @@ def build_step(overrides: list[str], B: int, T: int, device):
 
 
 def kernels(step, iters: int = 3, top: int = 40) -> dict:
+    """Device ms per step: by kernel, by group, and by the operator that launched them (`ops`:
+    which eager op a library kernel such as a reduction or a fill came from, with its shapes)."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(iters):
             step()
         torch.cuda.synchronize()
@@ -64,8 +66,11 @@ def kernels(step, iters: int = 3, top: int = 40) -> dict:
     for name, ms in per.items():
         groups[group(name)] += ms
     slowest = sorted(per.items(), key=lambda kv: -kv[1])[:top]
+    ops = sorted(({"op": e.key, "shapes": str(e.input_shapes)[:120], "ms": e.self_device_time_total / 1e3 / iters}
+                  for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0),
+                 key=lambda r: -r["ms"])
     return {"kernels_ms": sum(per.values()), "groups_ms": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
-            "top": [{"kernel": k[:100], "ms": ms} for k, ms in slowest]}
+            "top": [{"kernel": k[:100], "ms": ms} for k, ms in slowest], "ops": ops[:top]}
 
 
 def main() -> None:
