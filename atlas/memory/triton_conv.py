@@ -96,6 +96,13 @@ def _prow(X, HALO, b, p, rc, T, C, K: tl.constexpr):
 
 
 @triton.jit
+def _dyrow(DY, b, t, rc, T, C):
+    """Row t of dy (BC,) float32, zeros outside [0, T)."""
+    tv = t + 0 * rc
+    return tl.load(DY + (b * T + t) * C + rc, mask=(rc < C) & (tv >= 0) & (tv < T), other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _tap(Wt, rc, C, J: tl.constexpr, K: tl.constexpr, BC: tl.constexpr):
     """w[:, J] (BC,) float32; zeros for a tap before the first (J < 0, when K < 4)."""
     w = tl.zeros([BC], dtype=tl.float32)
@@ -155,12 +162,16 @@ def _bwd(X, HALO, Wt, DY, DX, DHALO, DWP, T, C, NORM, K: tl.constexpr, GROUP: tl
     w1 = tl.zeros([BC], dtype=tl.float32)
     w2 = tl.zeros([BC], dtype=tl.float32)
     w3 = tl.zeros([BC], dtype=tl.float32)
+    # the next row's loads are issued before this row computes (the walk is latency-bound)
+    np0 = _prow(X, HALO, b, t0 + K - 1, rc, T, C, K)
+    ndy = _dyrow(DY, b, t0, rc, T, C)
     for i in range(R + K - 1):
         t = t0 + i
         tv = t + 0 * rc  # as a vector, for masks (see _prow)
-        p0 = _prow(X, HALO, b, t + K - 1, rc, T, C, K)
+        p0, dy = np0, ndy
+        np0 = _prow(X, HALO, b, t + K, rc, T, C, K)
+        ndy = _dyrow(DY, b, t + 1, rc, T, C)
         a = p0 * v0 + p1 * v1 + p2 * v2 + p3 * v3
-        dy = tl.load(DY + (b * T + t) * C + rc, mask=cm & (tv >= 0) & (tv < T), other=0.0).to(tl.float32)
         da = tl.where((tv >= 0) & (tv < T), _da(a, dy, rc, NORM, BC, GROUP), 0.0)
         if i >= K - 1:  # t is this program's: dP[t] and t's share of dw
             d = da * v0  # dP[t] = sum_j da[t - j] w[:, j], w[:, j] = v_(K-1-j)
