@@ -17,7 +17,7 @@ import torch
 
 from profile_layer import kernel_table  # benchmarks/, this script's folder
 
-from atlas.bench import gpu
+from atlas.bench import autotune_picks, gpu
 from atlas.memory.conv import conv_silu, conv_silu_torch, l2_groups
 
 
@@ -48,7 +48,8 @@ def main() -> None:
         conv_silu(x, w, halo, triton=True, norm=norm).backward(dy)
     _, rows, ops, _ = kernel_table(call, iters=10)
     res = {"device": torch.cuda.get_device_name(), "command": " ".join(["python3"] + sys.argv), "name": a.name,
-           "rel_err_vs_float32_twin": err, "kernels_ms": {r["kernel"]: r["ms"] for r in rows}, "ops": ops}
+           "rel_err_vs_float32_twin": err, "kernels_ms": {r["kernel"]: r["ms"] for r in rows}, "ops": ops,
+           "autotuned": autotune_picks()}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     print(a.name, {k: f"{v:.1e}" for k, v in err.items()}, {r["kernel"][:40]: round(r["ms"], 4) for r in rows},
