@@ -349,7 +349,10 @@ def run(out_path: Path, smoke: bool, sections=SECTIONS, compile_model: bool = Tr
         save()
     if "scaling" in sections:
         result["scaling"], result["scaling_fixed_tokens"] = [], []
-        mode = GRAPHS if result.get("layer", {}).get("atlas_triton_mode") == "graphs" else None
+        # the layer section's faster mode; with no layer section in --out (--sections scaling alone),
+        # CUDA graphs, its pick at every shape so far (benchmarks/README.md)
+        picked = result.get("layer", {}).get("atlas_triton_mode", "graphs" if device.type == "cuda" else "compiled")
+        mode = GRAPHS if picked == "graphs" else None
         result["commands"]["scaling"] = cmd
         done = {}  # (B, T) -> ms: the two series meet at the longest T (B = 1), timed once
         for t in Ts:

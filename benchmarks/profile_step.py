@@ -59,8 +59,11 @@ def kernels(step, iters: int = 3, top: int = 40) -> dict:
             step()
         torch.cuda.synchronize()
     per = defaultdict(float)
+    # ranges ("Optimizer.step#AdamW.step", "## Call CompiledFxGraph ...") show up on the GPU's
+    # timeline too, spanning kernels that are counted on their own
+    ranges = {e.name for e in prof.events() if getattr(e, "is_user_annotation", False)}
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("## "):
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("## ") and e.name not in ranges:
             per[e.name] += e.device_time / 1e3 / iters
     groups = defaultdict(float)
     for name, ms in per.items():

@@ -3,7 +3,7 @@ P = halo ++ x (the K-1 rows before the call, zeros at the sequence start).
 
 `conv_silu` is one function with two implementations: K shifted multiply-adds in PyTorch (any
 device; the twin) and, on CUDA with impl="triton", Triton kernels (triton_conv.py) that read x
-once forward and twice backward. In the 300M step the PyTorch form's compiled kernels took
+once forward and once backward. In the 300M step the PyTorch form's compiled kernels took
 ~0.45 ms a layer forward + backward (benchmarks/profile_step.py).
 
 `norm=(cols, group)` also L2-normalises the first `cols` channels in groups of `group` (the
