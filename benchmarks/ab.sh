@@ -32,6 +32,6 @@ for n in main "$@"; do
     conv) PYTHONPATH=$d timeout 150 python3 benchmarks/conv_kernels.py --name "$n" --out "$OUT/conv_$n.json" 2>&1 | grep -v -i warn | tail -1 ;;
     model|decode) (cd "$d" && PYTHONPATH=$d timeout 220 python3 -m atlas.cli bench --sections "$what" --out "$OUT/${what}_$n.json" > "$OUT/log_${what}_$n.txt" 2>&1)
            echo "$n: $(grep -E '^300M|^decode \(' "$OUT/log_${what}_$n.txt" | tail -1)" ;;
-    *) echo "unknown: $what (prepare, kernels, model or decode)" >&2; exit 2 ;;
+    *) echo "unknown: $what (prepare, kernels, conv, model or decode)" >&2; exit 2 ;;
   esac
 done

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .triton_kernels import _CACHE
 
-BT, BC = 32, 128  # rows (tokens) and channels per program
+BT, BC = 32, 128  # rows (tokens) and channels of a forward program; the backward takes BC channels too
 ROWS = (32, 64, 128)  # the rows per program the backward's autotuner may pick
 MAX_K = 4  # taps the kernels take (conv.py runs longer convs in PyTorch)
 EPS = tl.constexpr(1e-12)  # F.normalize's (a constexpr: kernels may read no other globals)
