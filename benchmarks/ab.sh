@@ -28,8 +28,8 @@ for n in main "$@"; do
     (cd "$d" && PYTHONPATH=$d ATLAS_TRITON_TUNE=0 timeout 300 python3 -m pytest -q -x tests/test_triton_scan.py tests/test_conv.py 2>&1 | tail -1 | sed "s/^/$n tests: /")
   fi
   case $what in
-    kernels) PYTHONPATH=$d timeout 150 python3 benchmarks/scan_kernels.py --name "$n" --out "$OUT/scan_$n.json" 2>&1 | grep -v -i warn | tail -1 ;;
-    conv) PYTHONPATH=$d timeout 150 python3 benchmarks/conv_kernels.py --name "$n" --out "$OUT/conv_$n.json" 2>&1 | grep -v -i warn | tail -1 ;;
+    kernels|conv) k=scan; [ "$what" = conv ] && k=conv  # benchmarks/scan_kernels.py or conv_kernels.py
+           PYTHONPATH=$d timeout 150 python3 "benchmarks/${k}_kernels.py" --name "$n" --out "$OUT/${k}_$n.json" 2>&1 | grep -v -i warn | tail -1 ;;
     model|decode) (cd "$d" && PYTHONPATH=$d timeout 220 python3 -m atlas.cli bench --sections "$what" --out "$OUT/${what}_$n.json" > "$OUT/log_${what}_$n.txt" 2>&1)
            echo "$n: $(grep -E '^300M|^decode \(' "$OUT/log_${what}_$n.txt" | tail -1)" ;;
     *) echo "unknown: $what (prepare, kernels, conv, model or decode)" >&2; exit 2 ;;

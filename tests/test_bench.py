@@ -60,9 +60,9 @@ def test_gpu_scripts_without_a_gpu_say_one_line(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     root = Path(__file__).resolve().parents[1]
-    for script in ("profile_layer.py", "profile_step.py", "scaling_order.py", "scan_kernels.py"):
+    for script in ("profile_layer.py", "profile_step.py", "scaling_order.py", "scan_kernels.py", "conv_kernels.py"):
         out = tmp_path / f"{script}.json"
-        extra = ["--name", "x"] if script == "scan_kernels.py" else []
+        extra = ["--name", "x"] if script.endswith("_kernels.py") else []
         r = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--out", str(out), *extra],
                            capture_output=True, text=True, cwd=root)
         assert r.returncode == 1 and r.stderr.strip().splitlines() == [
