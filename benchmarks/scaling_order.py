@@ -2,9 +2,11 @@
 order, in one process, with the scan kernels' autotuned picks: does a shape's time depend on what
 ran before it? (It did, through torch.compile's limit of 8 compiles of one function, not through
 the picks: benchmarks/README.md, seventh session. `atlas.bench.layer_ms` now resets the compiler
-for each shape.)
+for each shape.) Each row keeps the sequential passes' picks at that shape: their autotune key
+holds B*H, so B=1 and B=16 may take different blocks.
 
     python3 benchmarks/scaling_order.py --shapes 2x16384,1x32768,1x32768 --out results/x.json
+    python3 benchmarks/scaling_order.py --shapes 16x2048,8x4096,4x8192,2x16384,1x32768   # B*T = 32K
 """
 from __future__ import annotations
 
@@ -28,8 +30,9 @@ def main() -> None:
     for shape in a.shapes.split(","):
         b, t = (int(x) for x in shape.split("x"))
         ms = layer_ms(b, t, H, D, "triton", 64, dt, dev, GRAPHS)
-        rows.append({"B": b, "T": t, "ms": ms})
-        print(f"B={b} T={t}: {ms:.2f} ms", flush=True)
+        picks = {k: v for k, v in autotune_picks().items() if k.endswith("_state")}
+        rows.append({"B": b, "T": t, "ms": ms, "us_per_token": ms / (b * t) * 1e3, "picks": picks})
+        print(f"B={b} T={t}: {ms:.2f} ms, {ms / (b * t) * 1e3:.3f} us/token, {picks}", flush=True)
     out = {"device": torch.cuda.get_device_name(), "command": "python3 benchmarks/scaling_order.py --shapes " + a.shapes,
            "rows": rows, "autotuned": autotune_picks()}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

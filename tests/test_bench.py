@@ -80,4 +80,4 @@ def test_ab_script_prepares_copies_and_refuses_unknown_modes(tmp_path):
     r = subprocess.run(["bash", "benchmarks/ab.sh", "prepare", "HEAD"], cwd=root, env=env, capture_output=True, text=True)
     assert r.returncode == 0 and (tmp_path / "HEAD" / "atlas" / "memory" / "triton_scan.py").exists()
     r = subprocess.run(["bash", "benchmarks/ab.sh", "timing", "HEAD"], cwd=root, env=env, capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["unknown: timing (prepare, kernels, conv, model or decode)"]
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["unknown: timing (prepare, kernels, conv, model, decode or scaling)"]
