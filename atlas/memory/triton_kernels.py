@@ -55,6 +55,15 @@ def _configs(bvs, warps, stages=(2,)):
     return [triton.Config({"BV": bv}, num_warps=w, num_stages=n) for bv in bvs for w in warps for n in stages]
 
 
+# The sequential passes run one program per (batch, head, block of BV value rows): at B=1 and 8
+# heads of 128, blocks of 16 rows are 64 programs on 132 SMs, and each walks every sub-chunk.
+# Smaller blocks (8 or 4 rows; tl.dot pads M and N below 16, only K must reach 16) trade padded
+# tensor-core work for programs; the autotuner weighs the two per number of (batch, head) pairs,
+# BH, which is in its key for that reason (a config tuned at B=16 is not the one for B=1).
+_SEQ_CONFIGS = _configs([4, 8, 16, 32], [4])
+_ANY_BH = ["NSC", "T", "BH"]
+
+
 # Triton >= 3.4 keeps autotune timings in its on-disk cache: a second process (the next training
 # run, the eval after it) skips the ~1 min of tuning a new shape costs.
 _CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
@@ -129,9 +138,9 @@ def _fwd_state_ins(K, V, GL, CS, LAST, QSTART, QLEN, bh, b, h, s, NSC, T, W1, H,
             tl.load(CS + g), tl.load(LAST + lo), tl.load(LAST + lo + 1), tl.load(LAST + lo + 2))
 
 
-@triton.autotune(configs=_configs([16, 32], [4]), key=["BL", "BK", "DV"], **_CACHE)
-@triton.jit(do_not_specialize=_ANY_T)
-def _fwd_state(K, V, GL, CS, LAST, REF, QSTART, QLEN, M0, S0, MS, SS, ES, MOUT, SOUT, NSC, T, W1, H, DK, DV, delta,
+@triton.autotune(configs=_SEQ_CONFIGS, key=["BL", "BK", "DV", "BH"], **_CACHE)
+@triton.jit(do_not_specialize=_ANY_BH)
+def _fwd_state(K, V, GL, CS, LAST, REF, QSTART, QLEN, M0, S0, MS, SS, ES, MOUT, SOUT, NSC, T, W1, H, BH, DK, DV, delta,
                BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                HUBER: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr):
     """Sequential over sub-chunks: store Ms, Ss at each start and each sub-chunk's errors E, return
@@ -205,10 +214,10 @@ def _fwd_out(Q, K, ES, G, P, F, QSTART, QLEN, MS, SS, Y, AS, NSC, T, W1, H, DK, 
     _rstore(Y, qrow, qok, rv, DV, DV, y)
 
 
-@triton.autotune(configs=_configs([16, 32], [4]), key=["BT", "BL", "BK", "DV"], **_CACHE)
-@triton.jit(do_not_specialize=_ANY_T)
+@triton.autotune(configs=_SEQ_CONFIGS, key=["BT", "BL", "BK", "DV", "BH"], **_CACHE)
+@triton.jit(do_not_specialize=_ANY_BH)
 def _bwd_state(Q, K, V, AS, P, F, GL, CS, LAST, REF, QSTART, QLEN, MS, DY, DMOUT, DSOUT, DME, DSE, DVB, DM0, DS0,
-               NSC, T, W1, H, DK, DV, delta, BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr,
+               NSC, T, W1, H, BH, DK, DV, delta, BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr,
                BV: tl.constexpr, HUBER: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr):
     """Reverse pass over sub-chunks: store the cotangents dM', dS' of each sub-chunk's end states
     and dV (= minus the error cotangent); return dM0, dS0.
