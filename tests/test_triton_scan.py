@@ -90,15 +90,17 @@ def test_triton_equals_chunked(T, chunk, W, poly, huber, sub, monkeypatch):
     check(ref, got, TOL, 10 * TOL)
 
 
-@pytest.mark.parametrize("BV", [16, 32, 64])
+@pytest.mark.parametrize("BV", [4, 8, 16, 32, 64])
 def test_every_value_block(BV, monkeypatch):
-    """On the GPU the autotuner picks each kernel's Dv block (16 to 64); the tests above run one.
-    Each block against chunked, with Dv = 60 (a partial last block at 32 and 64), chunks of
-    several sub-chunks, window halo, poly and Huber."""
+    """On the GPU the autotuner picks each kernel's Dv block (4 to 32 in the sequential passes, 32
+    or 64 in the others); the tests above run one. Each block against chunked, with Dv = 60 (a
+    partial last block at 8, 16, 32 and 64), chunks of several sub-chunks, window halo, poly and
+    Huber. The parallel kernels take blocks of 16 or more (Dv is their products' K dimension)."""
     import triton
     from atlas.memory import triton_kernels as kern
     for name in ("_fwd_state", "_fwd_out", "_bwd_state", "_bwd_q", "_bwd_k"):  # one config: no tuning
-        monkeypatch.setattr(getattr(kern, name), "configs", [triton.Config({"BV": BV}, num_warps=4)])
+        bv = BV if name.endswith("_state") else max(BV, 16)
+        monkeypatch.setattr(getattr(kern, name), "configs", [triton.Config({"BV": bv}, num_warps=4)])
     monkeypatch.setattr(triton_scan, "SUB_CHUNK", 16)
     ref, got = run_both(45, 40, 3, poly=POLY, huber=0.3, Dk=20, Dv=60, seed=8)
     check(ref, got, TOL, 10 * TOL)

@@ -55,6 +55,15 @@ def _configs(bvs, warps, stages=(2,)):
     return [triton.Config({"BV": bv}, num_warps=w, num_stages=n) for bv in bvs for w in warps for n in stages]
 
 
+# The sequential passes run one program per (batch, head, block of BV value rows): at B=1 and 8
+# heads of 128, blocks of 16 rows are 64 programs on 132 SMs, and each walks every sub-chunk.
+# Smaller blocks (8 or 4 rows; tl.dot pads M and N below 16, only K must reach 16) trade padded
+# tensor-core work for programs; the autotuner weighs the two per number of (batch, head) pairs,
+# BH, which is in its key for that reason (a config tuned at B=16 is not the one for B=1).
+_SEQ_CONFIGS = _configs([4, 8, 16, 32], [4])
+_ANY_BH = ["NSC", "T", "BH"]
+
+
 # Triton >= 3.4 keeps autotune timings in its on-disk cache: a second process (the next training
 # run, the eval after it) skips the ~1 min of tuning a new shape costs.
 _CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
@@ -120,18 +129,31 @@ def _store(ptr, rows, cols, ld, ncols, x):
 
 
 @triton.jit
+def _rawT(ptr, rows, ok, cols, ld, ncols):
+    """_rraw's tile transposed, (len(cols), len(rows)), read as such: the sequential passes hold
+    value rows first (below), and a transposed load costs nothing on their loop's path."""
+    return tl.load(ptr + rows[None, :] * ld + cols[:, None], mask=ok[None, :] & (cols[:, None] < ncols), other=0.0)
+
+
+@triton.jit
+def _storeT(ptr, rows, cols, ld, ncols, xt):
+    """_store of xt = x transposed, (len(cols), len(rows))."""
+    tl.store(ptr + rows[None, :] * ld + cols[:, None], xt.to(ptr.dtype.element_ty), mask=cols[:, None] < ncols)
+
+
+@triton.jit
 def _fwd_state_ins(K, V, GL, CS, LAST, QSTART, QLEN, bh, b, h, s, NSC, T, W1, H, rl, rk, rv, DK, DV,
                    BL: tl.constexpr):
-    """_fwd_state's inputs of sub-chunk s: K (BL, BK) raw, V (BL, BV), gl, cs (BL,), pl, fl, pel."""
+    """_fwd_state's inputs of sub-chunk s: K (BL, BK) raw, V^T (BV, BL), gl, cs (BL,), pl, fl, pel."""
     krow, kok = _krows(QSTART, QLEN, b, s, rl, T, W1, H, h)
     g, lo = (bh * NSC + s) * BL + rl, (bh * NSC + s) * 3
-    return (_rraw(K, krow, kok, rk, DK, DK), _rraw(V, krow, kok, rv, DV, DV).to(tl.float32), tl.load(GL + g),
+    return (_rraw(K, krow, kok, rk, DK, DK), _rawT(V, krow, kok, rv, DV, DV).to(tl.float32), tl.load(GL + g),
             tl.load(CS + g), tl.load(LAST + lo), tl.load(LAST + lo + 1), tl.load(LAST + lo + 2))
 
 
-@triton.autotune(configs=_configs([16, 32], [4]), key=["BL", "BK", "DV"], **_CACHE)
-@triton.jit(do_not_specialize=_ANY_T)
-def _fwd_state(K, V, GL, CS, LAST, REF, QSTART, QLEN, M0, S0, MS, SS, ES, MOUT, SOUT, NSC, T, W1, H, DK, DV, delta,
+@triton.autotune(configs=_SEQ_CONFIGS, key=["BL", "BK", "DV", "BH"], **_CACHE)
+@triton.jit(do_not_specialize=_ANY_BH)
+def _fwd_state(K, V, GL, CS, LAST, REF, QSTART, QLEN, M0, S0, MS, SS, ES, MOUT, SOUT, NSC, T, W1, H, BH, DK, DV, delta,
                BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                HUBER: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr):
     """Sequential over sub-chunks: store Ms, Ss at each start and each sub-chunk's errors E, return
@@ -149,11 +171,11 @@ def _fwd_state(K, V, GL, CS, LAST, REF, QSTART, QLEN, M0, S0, MS, SS, ES, MOUT, 
     # 3.52 -> 3.19 ms in the 300M step. In _bwd_state the same cost more than it hid (6.4 -> 11.2
     # ms; 7.1 prefetching only its small inputs). Separate names, not a tuple: older Triton
     # carries no tuples through loops.
-    nk, nv, ngl, ncs, npl, nfl, npel = _fwd_state_ins(K, V, GL, CS, LAST, QSTART, QLEN, bh, b, h, 0, NSC, T, W1, H,
+    nk, nvt, ngl, ncs, npl, nfl, npel = _fwd_state_ins(K, V, GL, CS, LAST, QSTART, QLEN, bh, b, h, 0, NSC, T, W1, H,
                                                       rl, rk, rv, DK, DV, BL)
     for s in range(NSC):
-        k, v, gl, cs, pl, fl, pel = nk, nv, ngl, ncs, npl, nfl, npel
-        nk, nv, ngl, ncs, npl, nfl, npel = _fwd_state_ins(K, V, GL, CS, LAST, QSTART, QLEN, bh, b, h,
+        k, vt, gl, cs, pl, fl, pel = nk, nvt, ngl, ncs, npl, nfl, npel
+        nk, nvt, ngl, ncs, npl, nfl, npel = _fwd_state_ins(K, V, GL, CS, LAST, QSTART, QLEN, bh, b, h,
                                                           tl.minimum(s + 1, NSC - 1), NSC, T, W1, H, rl, rk, rv,
                                                           DK, DV, BL)
         if BIG:  # a chunk starts here: gradients of its sub-chunks are taken at this M
@@ -164,14 +186,17 @@ def _fwd_state(K, V, GL, CS, LAST, REF, QSTART, QLEN, M0, S0, MS, SS, ES, MOUT, 
         tl.store(MS + o + st, M.to(MS.dtype.element_ty), mask=sm)  # bf16 copies with bf16 q, k, v
         tl.store(SS + o + st, S.to(SS.dtype.element_ty), mask=sm)
         # products in k's dtype (bf16: the tensor cores' full rate and half the registers of a
-        # float32 copy of k), accumulated in float32; M and S stay float32
-        E = _mm(k, tl.trans(Mr.to(k.dtype)), PREC) - v  # (BL, BV)
+        # float32 copy of k), accumulated in float32; M and S stay float32. The errors are held
+        # transposed, value rows first like M: each product's result is the next one's left
+        # operand as it sits in registers, with no transpose through shared memory on the path
+        # from M to M'.
+        Et = _mm(Mr.to(k.dtype), tl.trans(k), PREC) - vt  # (BV, BL) = E^T
         if HUBER:
-            E = tl.minimum(tl.maximum(E, -delta), delta)
+            Et = tl.minimum(tl.maximum(Et, -delta), delta)
         # the parallel kernels read E (rounded like the states) instead of recomputing K Mr^T - V
-        _store(ES, (bh * NSC + s) * BL + rl, rv, DV, DV, E)
-        M_next = pl * M + fl * S - _mm(tl.trans((gl[:, None] * E).to(k.dtype)), k, PREC)
-        S = pel * S - _mm(tl.trans((cs[:, None] * E).to(k.dtype)), k, PREC)
+        _storeT(ES, (bh * NSC + s) * BL + rl, rv, DV, DV, Et)
+        M_next = pl * M + fl * S - _mm((Et * gl[None, :]).to(k.dtype), k, PREC)
+        S = pel * S - _mm((Et * cs[None, :]).to(k.dtype), k, PREC)
         M = M_next
     tl.store(MOUT + bh * DV * DK + st, M, mask=sm)
     tl.store(SOUT + bh * DV * DK + st, S, mask=sm)
@@ -205,10 +230,10 @@ def _fwd_out(Q, K, ES, G, P, F, QSTART, QLEN, MS, SS, Y, AS, NSC, T, W1, H, DK, 
     _rstore(Y, qrow, qok, rv, DV, DV, y)
 
 
-@triton.autotune(configs=_configs([16, 32], [4]), key=["BT", "BL", "BK", "DV"], **_CACHE)
-@triton.jit(do_not_specialize=_ANY_T)
+@triton.autotune(configs=_SEQ_CONFIGS, key=["BT", "BL", "BK", "DV", "BH"], **_CACHE)
+@triton.jit(do_not_specialize=_ANY_BH)
 def _bwd_state(Q, K, V, AS, P, F, GL, CS, LAST, REF, QSTART, QLEN, MS, DY, DMOUT, DSOUT, DME, DSE, DVB, DM0, DS0,
-               NSC, T, W1, H, DK, DV, delta, BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr,
+               NSC, T, W1, H, BH, DK, DV, delta, BT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr,
                BV: tl.constexpr, HUBER: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr):
     """Reverse pass over sub-chunks: store the cotangents dM', dS' of each sub-chunk's end states
     and dV (= minus the error cotangent); return dM0, dS0.
@@ -234,25 +259,27 @@ def _bwd_state(Q, K, V, AS, P, F, GL, CS, LAST, REF, QSTART, QLEN, MS, DY, DMOUT
         # _bwd_k reads): bf16 at the tensor cores' full rate, k never widened to float32
         krow, kok = _krows(QSTART, QLEN, b, s, rl, T, W1, H, h)
         q, k = _rraw(Q, qrow, qok, rk, DK, DK), _rraw(K, krow, kok, rk, DK, DK)  # (BT, BK), (BL, BK)
-        dy = _rraw(DY, qrow, qok, rv, DV, DV)  # (BT, BV), zero on padded rows
+        # value rows first, like dM (as in _fwd_state): each product's result feeds the next as it
+        # sits in registers, with no transpose through shared memory on the loop's path
+        dyt = _rawT(DY, qrow, qok, rv, DV, DV)  # (BV, BT) = dY^T, zero on padded rows
         g = (bh * NSC + s) * BT + rt
         # A = G * Q K^T as _fwd_out stored it, in q's dtype: its (BT, BL, Dk) product, the largest
         # of an iteration, is not on the loop's path
         A = tl.load(AS + g[:, None] * BL + rl[None, :])  # (BT, BL), in q's dtype
         gk = (bh * NSC + s) * BL + rl
-        dE = (-_mm(tl.trans(A), dy, PREC)
-              - tl.load(GL + gk)[:, None] * _mm(k, tl.trans(dMb.to(k.dtype)), PREC)
-              - tl.load(CS + gk)[:, None] * _mm(k, tl.trans(dSb.to(k.dtype)), PREC))  # (BL, BV)
+        dEt = (-_mm(dyt, A, PREC)
+               - tl.load(GL + gk)[None, :] * _mm(dMb.to(k.dtype), tl.trans(k), PREC)
+               - tl.load(CS + gk)[None, :] * _mm(dSb.to(k.dtype), tl.trans(k), PREC))  # (BV, BL) = dE^T
         if HUBER:  # clamp passes the cotangent only where the error was inside [-delta, delta]
             Mr = _state(MS, (bh * NSC + tl.load(REF + s)) * DV * DK, rv, rk, DV, DK)
-            E0 = _mm(k, tl.trans(Mr), PREC) - _rraw(V, krow, kok, rv, DV, DV).to(tl.float32)
-            dE = tl.where(tl.abs(E0) <= delta, dE, 0.0)
-        _store(DVB, prow, rv, DV, DV, -dE)
+            E0t = _mm(Mr, tl.trans(k), PREC) - _rawT(V, krow, kok, rv, DV, DV).to(tl.float32)
+            dEt = tl.where(tl.abs(E0t) <= delta, dEt, 0.0)
+        _storeT(DVB, prow, rv, DV, DV, -dEt)
         lo = (bh * NSC + s) * 3
         pl, fl, pel = tl.load(LAST + lo), tl.load(LAST + lo + 1), tl.load(LAST + lo + 2)
-        dM_prev = pl * dM + _mm(tl.trans((tl.load(P + g)[:, None] * dy).to(q.dtype)), q, PREC)
-        dS = fl * dM + pel * dS + _mm(tl.trans((tl.load(F + g)[:, None] * dy).to(q.dtype)), q, PREC)
-        through_E = _mm(tl.trans(dE.to(k.dtype)), k, PREC)  # (BV, BK)
+        dM_prev = pl * dM + _mm((dyt * tl.load(P + g)[None, :]).to(q.dtype), q, PREC)
+        dS = fl * dM + pel * dS + _mm((dyt * tl.load(F + g)[None, :]).to(q.dtype), q, PREC)
+        through_E = _mm(dEt.to(k.dtype), k, PREC)  # (BV, BK)
         if BIG:  # errors read the chunk-start M: collect, and hand over where that chunk starts
             dMr += through_E
             first = tl.load(REF + s) == s

@@ -209,8 +209,8 @@ def _scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, G: torch.Tensor
     y, As = q.new_empty(B, T, H, Dv), q.new_empty(G.shape)
     Es = Ms.new_empty(B, H, NSC, BL, Dv)  # each sub-chunk's errors, in the states' dtype
     kern._fwd_state[lambda m: (B * H, triton.cdiv(Dv, m["BV"]))](
-        k, v, gl, cs, last, ref, start, qlen, M0, S0, Ms, Ss, Es, Mout, Sout, NSC, T, W1, H, Dk, Dv, huber or 0.0,
-        BL=BL, BK=BK, HUBER=huber is not None, BIG=big, PREC=prec)
+        k, v, gl, cs, last, ref, start, qlen, M0, S0, Ms, Ss, Es, Mout, Sout, NSC, T, W1, H, B * H, Dk, Dv,
+        huber or 0.0, BL=BL, BK=BK, HUBER=huber is not None, BIG=big, PREC=prec)
     kern._fwd_out[lambda m: (NSC, B * H, triton.cdiv(Dv, m["BV"]))](
         q, k, Es, G, P, f, start, qlen, Ms, Ss, y, As, NSC, T, W1, H, Dk, Dv, BT=BT, BL=BL, BK=BK, PREC=prec)
     return y, Mout, Sout, Ms, Ss, As, Es
@@ -240,7 +240,7 @@ def _scan_bwd(dy: torch.Tensor, dM: torch.Tensor, dS: torch.Tensor, q: torch.Ten
     delta, hub = huber or 0.0, huber is not None
     kern._bwd_state[lambda m: (B * H, triton.cdiv(Dv, m["BV"]))](
         q, k, v, As, P, f, gl, cs, last, ref, start, qlen, Ms, dy, dM, dS, dMe, dSe, dv, dM0, dS0,
-        NSC, T, W1, H, Dk, Dv, delta, BT=BT, BL=BL, BK=BK, HUBER=hub, BIG=big, PREC=prec)
+        NSC, T, W1, H, B * H, Dk, Dv, delta, BT=BT, BL=BL, BK=BK, HUBER=hub, BIG=big, PREC=prec)
     dq, dk = torch.empty_like(q), k.new_empty(B, NSC, BL, H, Dk)
     dG, dP, df, dgl, dcs, dlast = (torch.empty_like(x) for x in (G, P, f, gl, cs, last))
     dA = torch.empty_like(G, dtype=q.dtype)  # (B, H, NSC, BT, BL): _bwd_k multiplies it in q's dtype
