@@ -25,18 +25,26 @@ from atlas.bench import autotune_picks, gpu, kernel_error, scan_inputs
 from atlas.memory import memory_scan
 
 
+def shape(text: str) -> tuple[int, int, int, int]:
+    """--shape's B,T,chunk,window."""
+    parts = text.split(",")
+    if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: want four positive integers B,T,chunk,window, e.g. 1,32768,64,1")
+    return tuple(int(p) for p in parts)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", required=True, help="what this checkout is (a branch name)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--shape", default="2,4096,2048,16", help="B,T,chunk,window of the timed calls")
+    ap.add_argument("--shape", default="2,4096,2048,16", type=shape, help="B,T,chunk,window of the timed calls")
     a = ap.parse_args()
     dev = gpu("scan_kernels.py")
     H, D = 8, 128
     res = {"device": torch.cuda.get_device_name(), "command": " ".join(["python3"] + sys.argv), "name": a.name,
            "rel_err": {"chunk64": kernel_error(2, 4096, H, D, 64, dev),
                        "chunk2048_w16": kernel_error(2, 4096, H, D, 2048, dev, 16)}}
-    B, T, chunk, window = (int(x) for x in a.shape.split(","))
+    B, T, chunk, window = a.shape
     res["shape"] = {"B": B, "T": T, "H": H, "D": D, "chunk": chunk, "window": window}
     ins = [t.requires_grad_(True) for t in scan_inputs(B, T, H, D, dev, seed=2)]
     dy = torch.randn(B, T, H, D, device=dev).bfloat16()  # (B, T, H, D) like y

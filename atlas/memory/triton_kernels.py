@@ -55,11 +55,13 @@ def _configs(bvs, warps, stages=(2,)):
     return [triton.Config({"BV": bv}, num_warps=w, num_stages=n) for bv in bvs for w in warps for n in stages]
 
 
-# The sequential passes run one program per (batch, head, block of BV value rows): at B=1 and 8
-# heads of 128, blocks of 16 rows are 64 programs on 132 SMs, and each walks every sub-chunk.
-# Smaller blocks (8 or 4 rows; tl.dot pads M and N below 16, only K must reach 16) trade padded
-# tensor-core work for programs; the autotuner weighs the two per number of (batch, head) pairs,
-# BH, which is in its key for that reason (a config tuned at B=16 is not the one for B=1).
+# The sequential passes run one program per (batch, head, block of BV value rows), and every
+# program walks all the sub-chunks: more, smaller blocks (8 or 4 rows; tl.dot pads M and N below
+# 16, only K must reach 16) do not shorten that chain, but lighter iterations may (at B=1, T=32K
+# _bwd_state took 8 rows), while at B=16 fewer, larger blocks win (32 rows). The best block
+# follows the number of (batch, head) pairs, BH, which is in the autotune key for that reason:
+# without it the first shape tuned set the blocks for every other (benchmarks/README.md, twelfth
+# session: B=1, T=32K 9.38 ms on blocks tuned at B=16, 8.11 tuned at its own shape).
 _SEQ_CONFIGS = _configs([4, 8, 16, 32], [4])
 _ANY_BH = ["NSC", "T", "BH"]
 
