@@ -27,9 +27,17 @@ from atlas.bench import fwd_bwd, gpu, memory_layer, scan_inputs, timed
 from atlas.memory import memory_scan
 
 
-def kernel_table(step, iters: int = 5) -> tuple[float, list[dict], list[dict]]:
-    """Device ms per iteration, the top kernels by device time, and the top operators (the
-    PyTorch op or custom op that launched them) by their own device time."""
+def op_table(prof, iters: int) -> list[dict]:
+    """The operators (the PyTorch op or custom op that launched kernels), with their input shapes,
+    by their own device time per iteration, largest first."""
+    return sorted(({"op": e.key, "shapes": str(e.input_shapes)[:120], "ms": e.self_device_time_total / 1e3 / iters,
+                    "calls": e.count // iters} for e in prof.key_averages(group_by_input_shape=True)
+                   if e.self_device_time_total > 0), key=lambda r: -r["ms"])
+
+
+def kernel_table(step, iters: int = 5) -> tuple[float, list[dict], list[dict], list[dict]]:
+    """Device ms per iteration, the top kernels by device time, the top operators (op_table), and
+    the top operators by host time."""
     from torch.profiler import ProfilerActivity, profile
     step()
     torch.cuda.synchronize()
@@ -44,9 +52,7 @@ def kernel_table(step, iters: int = 5) -> tuple[float, list[dict], list[dict]]:
             per[e.name][1] += 1
     rows = sorted(({"kernel": k[:90], "ms": v[0], "launches": v[1] // iters} for k, v in per.items()),
                   key=lambda r: -r["ms"])
-    avg = prof.key_averages(group_by_input_shape=True)
-    ops = sorted(({"op": e.key, "shapes": str(e.input_shapes)[:120], "ms": e.self_device_time_total / 1e3 / iters,
-                   "calls": e.count // iters} for e in avg if e.self_device_time_total > 0), key=lambda r: -r["ms"])
+    ops = op_table(prof, iters)
     host = sorted(({"op": e.key, "host_ms": e.self_cpu_time_total / 1e3 / iters, "calls": e.count // iters}
                    for e in prof.key_averages()), key=lambda r: -r["host_ms"])
     # "## Call CompiledFxGraph ..." rows span the kernels they launch: not counted twice

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from profile_layer import op_table  # benchmarks/, this script's folder
+
 from atlas.bench import autotune_picks, build_model, gpu, timed, train_step
 from atlas.config import load_config
 
@@ -69,9 +71,7 @@ def kernels(step, iters: int = 3, top: int = 40) -> dict:
     for name, ms in per.items():
         groups[group(name)] += ms
     slowest = sorted(per.items(), key=lambda kv: -kv[1])[:top]
-    ops = sorted(({"op": e.key, "shapes": str(e.input_shapes)[:120], "ms": e.self_device_time_total / 1e3 / iters}
-                  for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0),
-                 key=lambda r: -r["ms"])
+    ops = op_table(prof, iters)
     return {"kernels_ms": sum(per.values()), "groups_ms": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
             "top": [{"kernel": k[:100], "ms": ms} for k, ms in slowest], "ops": ops[:top]}
 

@@ -185,12 +185,6 @@ def test_chunk_2048_long_memory_fp32():
     assert torch.isfinite(y32).all() and rel(y32, y_ref) < 1e-5  # measured ~3e-7
 
 
-def _autograd_decay_exp(cum, causal, dtype):
-    """chunked._DecayExp's forward under plain autograd: its backward then runs in float64."""
-    diff = cum[..., :, None] - cum[..., None, :]
-    return torch.exp(diff.masked_fill(~causal, float("-inf"))).to(dtype)
-
-
 @pytest.mark.parametrize("scale", [0.01, 1.0, 30.0])
 def test_decay_backward_in_float32_matches_float64(scale, monkeypatch):
     """The decay matrices' backward runs in the gates' dtype (chunked._DecayExp; float64 only for
@@ -204,7 +198,7 @@ def test_decay_backward_in_float32_matches_float64(scale, monkeypatch):
     for run, dt in (("autograd", torch.float64), ("fast", torch.float32)):
         with monkeypatch.context() as m:
             if run == "autograd":
-                m.setattr(chunked._DecayExp, "apply", _autograd_decay_exp)
+                m.setattr(chunked._DecayExp, "apply", chunked._decay_exp)  # plain autograd: float64 backward
             xs = [x.to(dt).clone().requires_grad_(True) for x in (lb, le)]
             outs = chunked.gate_products(xs[0], xs[1], th.to(dt), g.to(dt), 6, dt)
         if weights is None:  # one random cotangent for every output, shared by both runs

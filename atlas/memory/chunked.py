@@ -22,6 +22,12 @@ from .state import MemoryState, apply_poly, clamp_norm, newton_schulz5
 _GATE_MIN = 1e-35  # eta = 0 becomes exp(-80.6): still a float32 normal, and log's gradient stays finite
 
 
+def _decay_exp(cum, causal, dtype):
+    """exp(cum_j - cum_r) on the causal triangle (0 above it), in `dtype`: _DecayExp's forward."""
+    diff = cum[..., :, None] - cum[..., None, :]  # (..., n, n)
+    return torch.exp(diff.masked_fill(~causal, float("-inf"))).to(dtype)
+
+
 class _DecayExp(torch.autograd.Function):
     """L = exp(diff) (masked to the causal triangle) from float64 log-cumsums, in `dtype`, with a
     backward in `dtype`: dcum_j = sum_r t[j, r] - sum_r t[r, j], t = dL * L. Only the exponent
@@ -30,8 +36,7 @@ class _DecayExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cum, causal, dtype):
-        diff = cum[..., :, None] - cum[..., None, :]  # (..., n, n)
-        L = torch.exp(diff.masked_fill(~causal, float("-inf"))).to(dtype)
+        L = _decay_exp(cum, causal, dtype)
         ctx.save_for_backward(L)
         return L
 

@@ -63,7 +63,6 @@ def _configs(bvs, warps, stages=(2,)):
 # without it the first shape tuned set the blocks for every other (benchmarks/README.md, twelfth
 # session: B=1, T=32K 9.38 ms on blocks tuned at B=16, 8.11 tuned at its own shape).
 _SEQ_CONFIGS = _configs([4, 8, 16, 32], [4])
-_ANY_BH = ["NSC", "T", "BH"]
 
 
 # Triton >= 3.4 keeps autotune timings in its on-disk cache: a second process (the next training
@@ -75,6 +74,7 @@ _CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.
 # unspecialised, a new sequence length (every prefill piece, every TNT stage) reuses the compiled
 # kernel instead of compiling it again
 _ANY_T = ["NSC", "T"]
+_ANY_BH = _ANY_T + ["BH"]  # the sequential passes': B*H is in their autotune key (_SEQ_CONFIGS)
 
 
 @triton.jit
