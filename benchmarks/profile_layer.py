@@ -1,5 +1,5 @@
 """Where the memory layer's time goes, on one GPU: the layer of `atlas bench` (B=2, T=4096, H=8,
-D=128, chunk 64, bf16, forward + backward) run four ways, and its kernels from the profiler.
+D=128, chunk 64, bf16, forward + backward) run several ways, and its kernels from the profiler.
 
     python3 benchmarks/profile_layer.py --out benchmarks/results/profile_h100.json
 
@@ -9,9 +9,11 @@ D=128, chunk 64, bf16, forward + backward) run four ways, and its kernels from t
   compiled         torch.compile(layer)
   compiled_graphs  torch.compile(layer, mode="reduce-overhead") (compile + CUDA graphs)
   scan             torch.compile(memory_scan) alone on atlas bench's random inputs (no projections)
+  scan_graphs      the same with CUDA graphs
 
 The profiler part sums device time per kernel over the eager runs: if it is far below the eager
-wall time, the host (launches, dispatch) is the cost, not the kernels.
+wall time, the host (launches, dispatch) is the cost, not the kernels. For the two CUDA-graph ways
+it lists where the device sits idle between kernels (idle_gaps).
 """
 from __future__ import annotations
 
@@ -57,6 +59,34 @@ def kernel_table(step, iters: int = 5) -> tuple[float, list[dict], list[dict], l
                    for e in prof.key_averages()), key=lambda r: -r["host_ms"])
     # "## Call CompiledFxGraph ..." rows span the kernels they launch: not counted twice
     return sum(r["ms"] for r in rows if not r["kernel"].startswith("## ")), rows[:40], ops[:30], host[:25]
+
+
+def idle_gaps(step, iters: int = 5, top: int = 12) -> dict:
+    """Where the GPU waits: over `iters` steps, the device's busy time (the union of its kernels and
+    copies) against the span from the first to the last, and the longest gaps between one kernel's
+    end and the next one's start, with the kernels on either side. With CUDA graphs the host's
+    launch cost is gone, so a gap there is the host doing something else between graph replays
+    (the autograd engine, an eager op, a graph break)."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    ev = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda x: x[0])
+    busy, gaps, end, prev = 0.0, [], ev[0][0], ev[0][2]
+    for s, e, name in ev:  # time_range is in microseconds
+        if s > end:
+            gaps.append({"us": s - end, "after": prev[:70], "before": name[:70]})
+        busy += max(0.0, e - max(s, end))
+        if e > end:
+            end, prev = e, name
+    span = end - ev[0][0]
+    return {"span_ms": span / 1e3 / iters, "busy_ms": busy / 1e3 / iters, "kernels": len(ev) // iters,
+            "gaps_over_5us_ms": sum(g["us"] for g in gaps if g["us"] > 5) / 1e3 / iters,
+            "longest": sorted(gaps, key=lambda g: -g["us"])[:top]}
 
 
 def main() -> None:
@@ -108,11 +138,20 @@ def main() -> None:
         res["ms"]["graphed"] = timed(fwd_bwd(g, (x,), layer.parameters()), warmup=5, reps=20)
         save()
         print(f"graphed {res['ms']['graphed']:.2f} ms", flush=True)
-    for name, mode in (("compiled_graphs", "reduce-overhead"),):
+    for name in ("compiled_graphs", "scan_graphs"):
         if name in ways:
             try:
-                fn = torch.compile(memory_layer(H * D, H, "triton", 64, dt, dev), mode=mode)
-                res["ms"][name] = timed(fwd_bwd(fn, (x,), fn.parameters()), warmup=5, reps=20)
+                if name == "scan_graphs":
+                    step = fwd_bwd(torch.compile(scan, mode="reduce-overhead"), scan_in)
+                else:
+                    fn = torch.compile(memory_layer(H * D, H, "triton", 64, dt, dev), mode="reduce-overhead")
+                    step = fwd_bwd(fn, (x,), fn.parameters())
+                res["ms"][name] = timed(step, warmup=5, reps=20)
+                res[f"{name}_idle"] = gaps = idle_gaps(step)
+                print(f"{name}: device busy {gaps['busy_ms']:.2f} of {gaps['span_ms']:.2f} ms a step; "
+                      f"gaps over 5 us {gaps['gaps_over_5us_ms']:.2f} ms", flush=True)
+                for g in gaps["longest"]:
+                    print(f"  gap {g['us']:7.1f} us  after {g['after'][:50]}  before {g['before'][:50]}")
             except Exception as e:  # noqa: BLE001 - record why, keep the other numbers
                 res["ms"][name] = None
                 res[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"

@@ -1,0 +1,42 @@
+"""One memory_scan forward + backward under Nsight Compute: why each scan kernel takes its time
+(occupancy, registers, stall reasons, bytes moved). A warm call first compiles and tunes the
+kernels (run it once without ncu too, so the autotuner's picks are cached on disk and the
+profiled process reuses them); only the second call is profiled.
+
+    python3 benchmarks/ncu_scan.py --shape 2,4096,64,1           # tune and cache at this shape
+    ncu --profile-from-start off --clock-control none --kernel-name regex:'^_(fwd|bwd)_' \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section MemoryWorkloadAnalysis python3 benchmarks/ncu_scan.py --shape 2,4096,64,1
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from scan_kernels import shape  # benchmarks/, this script's folder
+
+from atlas.bench import autotune_picks, gpu, scan_inputs
+from atlas.memory import memory_scan
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="2,4096,64,1", type=shape, help="B,T,chunk,window (default: atlas bench's layer)")
+    a = ap.parse_args()
+    dev = gpu("ncu_scan.py")
+    B, T, chunk, window = a.shape
+    ins = [t.requires_grad_(True) for t in scan_inputs(B, T, 8, 128, dev, seed=2)]
+    dy = torch.randn(B, T, 8, 128, device=dev).bfloat16()  # (B, T, H, D) like y
+    for profiled in (False, True):
+        if profiled:
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaProfilerStart()
+        memory_scan(*ins, chunk_size=chunk, window=window, impl="triton")[0].backward(dy)
+        torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+    print("autotuned:", autotune_picks())
+
+
+if __name__ == "__main__":
+    main()
