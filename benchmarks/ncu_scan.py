@@ -1,12 +1,14 @@
 """One memory_scan forward + backward under Nsight Compute: why each scan kernel takes its time
 (occupancy, registers, stall reasons, bytes moved). A warm call first compiles and tunes the
-kernels (run it once without ncu too, so the autotuner's picks are cached on disk and the
-profiled process reuses them); only the second call is profiled.
+kernels; only the second call is profiled. Under ncu the autotuner tunes again (Triton's disk
+cache of its picks did not carry over from a run without ncu, 2026-11-27) with every launch
+serialised by ncu, so its picks can differ from a plain run's: the script prints them last; run it
+without ncu too to see the plain picks.
 
-    python3 benchmarks/ncu_scan.py --shape 2,4096,64,1           # tune and cache at this shape
+    python3 benchmarks/ncu_scan.py --shape 2,4096,64,1           # the plain picks
     ncu --profile-from-start off --clock-control none --kernel-name regex:'^_(fwd|bwd)_' \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-        --section MemoryWorkloadAnalysis python3 benchmarks/ncu_scan.py --shape 2,4096,64,1
+        --section MemoryWorkloadAnalysis --section SchedulerStats python3 benchmarks/ncu_scan.py --shape 2,4096,64,1
 """
 from __future__ import annotations
 
