@@ -1,6 +1,7 @@
 """atlas bench --smoke: the benchmark's code path runs on a CPU and writes the documented keys."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,18 @@ def test_captured_step_replays_the_same_gradients():
     replay()
     torch.cuda.synchronize()
     assert torch.allclose(keep["grad"], want)
+
+
+def test_kernel_regs_compiles_for_an_h100_without_one():
+    """benchmarks/kernel_regs.py: Triton's own ptxas compiles a scan kernel for sm_90 on this
+    machine and reports its registers and stack."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "kernel_regs.py"), "--kernels", "_fwd_out",
+                        "--bv", "32", "--warps", "4"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"^_fwd_out BV=32 warps=4: \d+ registers, \d+ bytes of stack, \d+ KiB shared$", r.stdout, re.M)
 
 
 def test_gpu_scripts_without_a_gpu_say_one_line(tmp_path):

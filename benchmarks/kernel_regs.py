@@ -1,0 +1,86 @@
+"""Registers and spills of the scan kernels, compiled for an H100 (sm_90) on any machine with
+Triton: its wheel carries ptxas and cuobjdump, so no GPU is needed. Spills (a stack frame) and
+255 registers a thread mean one program per multiprocessor and local-memory traffic; read them
+here before spending GPU time on a kernel change.
+
+    python3 benchmarks/kernel_regs.py                         # every kernel, BV 16/32/64, 4 and 8 warps
+    python3 benchmarks/kernel_regs.py --kernels _bwd_k --bv 32 --shape 64,64,128,128
+
+Shapes are the kernels' constexprs BT,BL,BK,DV (default: the layer's chunk 64 with 128-wide heads);
+pointers are taken 16-byte aligned and DK, DV, W1 divisible by 16, as a launch specialises them.
+The GPU machine's Triton may allocate differently from this one's (same sm_90 target).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from atlas.memory import triton_kernels as kern
+
+BF, F32, I32 = "*bf16", "*fp32", "*i32"
+# pointer arguments (bf16 q, k, v as in training; gates, G and per-row factors float32); every
+# other argument is an i32 scalar or a constexpr
+POINTERS = dict(Q=BF, K=BF, V=BF, ES=BF, AS=BF, MS=BF, SS=BF, DME=BF, DSE=BF, DVB=BF, DY=BF, DQ=BF, DKK=BF, DA=BF,
+                Y=BF, G=F32, P=F32, F=F32, GL=F32, CS=F32, LAST=F32, M0=F32, S0=F32, MOUT=F32, SOUT=F32, DMOUT=F32,
+                DSOUT=F32, DM0=F32, DS0=F32, DG=F32, DP=F32, DF=F32, DGL=F32, DCS=F32, DLAST=F32,
+                REF=I32, QSTART=I32, QLEN=I32)
+DIVISIBLE = ("DK", "DV", "W1")  # 128, 128, 0 at the layer's shape
+FLAGS = dict(HUBER=False, BIG=False, PREC="tf32")
+TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def source(fn, consts: dict) -> ASTSource:
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+            continue
+        sig[name] = POINTERS.get(name, "fp32" if name == "delta" else "i32")
+        if sig[name].startswith("*") or name in DIVISIBLE:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+
+
+def usage(cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return f"{m.group(1)} registers, {m.group(2)} bytes of stack" if m else out.strip()[-200:]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kernels", default="_fwd_state,_fwd_out,_bwd_state,_bwd_q,_bwd_k")
+    ap.add_argument("--bv", default="16,32,64", help="value-row blocks to compile")
+    ap.add_argument("--warps", default="4,8")
+    ap.add_argument("--shape", default="64,64,128,128", help="BT,BL,BK,DV")
+    a = ap.parse_args()
+    BT, BL, BK, DV = (int(x) for x in a.shape.split(","))
+    for name in a.kernels.split(","):
+        fn = getattr(kern, name, None)
+        if fn is None:
+            sys.exit(f"kernel_regs.py: no kernel {name!r} in atlas/memory/triton_kernels.py")
+        fn = fn.fn  # the @triton.jit function under the autotuner
+        for bv, warps in itertools.product(a.bv.split(","), a.warps.split(",")):
+            consts = {k: v for k, v in {**FLAGS, "BT": BT, "BL": BL, "BK": BK, "BV": int(bv)}.items()
+                      if k in fn.arg_names}
+            c = triton.compile(source(fn, consts), target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": int(warps), "num_stages": 2})
+            print(f"{name} BV={bv} warps={warps}: {usage(c.asm['cubin'])}, "
+                  f"{c.metadata.shared / 1024:.0f} KiB shared", flush=True)
+
+
+if __name__ == "__main__":
+    main()
