@@ -138,16 +138,18 @@ def compiled(layer, mode=None):
 GRAPHS = "reduce-overhead"
 
 
-def layer_ms(B, T, H, D, impl, chunk, dtype, device, mode=None) -> float:
-    """Forward + backward of a fresh (compiled) memory layer on random (B, T, H*D) input, in ms.
+def layer_ms(B, T, H, D, impl, chunk, dtype, device, mode=None, capture=False) -> float:
+    """Forward + backward of a fresh (compiled) memory layer on random (B, T, H*D) input, in ms;
+    capture=True: compiled without graphs, inside a captured step (`captured`: device time alone).
     Each shape compiles from a clean slate, as in a fresh process: torch.compile keeps at most
     8 compiles of one function (torch._dynamo.config.recompile_limit) and runs later shapes
     eagerly -- the scaling section's ninth shape (B=1, T=32K) timed 19.6 ms eager for ~10 compiled
     (benchmarks/README.md)."""
     torch._dynamo.reset()
     x = torch.randn(B, T, H * D, device=device, dtype=dtype, requires_grad=True)
-    layer = compiled(memory_layer(H * D, H, impl, chunk, dtype, device), mode)
-    return timed(fwd_bwd(layer, (x,), layer.parameters()))
+    layer = compiled(memory_layer(H * D, H, impl, chunk, dtype, device), None if capture else mode)
+    step = fwd_bwd(layer, (x,), layer.parameters())
+    return timed(captured(step) if capture else step)
 
 
 def autotune_picks() -> dict:
@@ -421,8 +423,11 @@ def run(out_path: Path, smoke: bool, sections=SECTIONS, compile_model: bool = Tr
                 if (b, t) not in done:
                     done[b, t] = layer_ms(b, t, H, D, best, chunk, dtype, device, mode)
                 ms = done[b, t]
-                result[rows].append({"T": t, "B": b, "ms": ms, "us_per_token": ms / (b * t) * 1e3, "impl": best,
-                                     "mode": mode or "compiled"})
+                row = {"T": t, "B": b, "ms": ms, "us_per_token": ms / (b * t) * 1e3, "impl": best, "mode": mode or "compiled"}
+                if rows == "scaling" and device.type == "cuda":  # B=1 beside: device time alone, no host per call
+                    row["captured_ms"] = layer_ms(b, t, H, D, best, chunk, dtype, device, capture=True)
+                    row["captured_us_per_token"] = row["captured_ms"] / (b * t) * 1e3
+                result[rows].append(row)
                 save()  # each shape compiles from scratch (the section ran past 330 s on the H100): keep the rows so far
     if "model" in sections:
         result["model"] = bench_section_model(model_over, best, mB, mT, device, compile_model and device.type == "cuda")
@@ -484,6 +489,9 @@ def table(r: dict) -> str:
                      f"memory off {m['transformer_300m_tok_s']:,.0f} tok/s (ratio {m['ratio']:.2f})")
     if r.get("scaling"):
         lines.append("scaling, B=1 (us/token): " + ", ".join(f"T={s['T']}: {s['us_per_token']:.2f}" for s in r["scaling"]))
+    if r.get("scaling") and "captured_us_per_token" in r["scaling"][0]:
+        lines.append("scaling, B=1, inside a captured step (us/token): "
+                     + ", ".join(f"T={s['T']}: {s['captured_us_per_token']:.3f}" for s in r["scaling"]))
     if r.get("scaling_fixed_tokens"):
         lines.append("scaling, B*T fixed (us/token): "
                      + ", ".join(f"T={s['T']}: {s['us_per_token']:.2f}" for s in r["scaling_fixed_tokens"]))

@@ -76,8 +76,14 @@ def main() -> None:
         for bv, warps in itertools.product(a.bv.split(","), a.warps.split(",")):
             consts = {k: v for k, v in {**FLAGS, "BT": BT, "BL": BL, "BK": BK, "BV": int(bv)}.items()
                       if k in fn.arg_names}
-            c = triton.compile(source(fn, consts), target=GPUTarget("cuda", 90, 32),
-                               options={"num_warps": int(warps), "num_stages": 2})
+            try:
+                c = triton.compile(source(fn, consts), target=GPUTarget("cuda", 90, 32),
+                                   options={"num_warps": int(warps), "num_stages": 2})
+            except triton.CompilationError as e:  # e.g. a block under tl.dot's 16 rows of K
+                while e.__cause__ is not None:  # the innermost error says why
+                    e = e.__cause__
+                print(f"{name} BV={bv} warps={warps}: does not compile ({str(e).strip()[:100]})")
+                continue
             print(f"{name} BV={bv} warps={warps}: {usage(c.asm['cubin'])}, "
                   f"{c.metadata.shared / 1024:.0f} KiB shared", flush=True)
 
