@@ -60,25 +60,35 @@ def usage(cubin: bytes) -> str:
     return f"{m.group(1)} registers, {m.group(2)} bytes of stack" if m else out.strip()[-200:]
 
 
+def ints(text: str) -> list[int]:
+    """A comma-separated list of positive integers (--bv, --warps, --shape)."""
+    parts = text.split(",")
+    if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: want positive integers separated by commas, e.g. 16,32")
+    return [int(p) for p in parts]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kernels", default="_fwd_state,_fwd_out,_bwd_state,_bwd_q,_bwd_k")
-    ap.add_argument("--bv", default="16,32,64", help="value-row blocks to compile")
-    ap.add_argument("--warps", default="4,8")
-    ap.add_argument("--shape", default="64,64,128,128", help="BT,BL,BK,DV")
+    ap.add_argument("--bv", default="16,32,64", type=ints, help="value-row blocks to compile")
+    ap.add_argument("--warps", default="4,8", type=ints)
+    ap.add_argument("--shape", default="64,64,128,128", type=ints, help="BT,BL,BK,DV")
     a = ap.parse_args()
-    BT, BL, BK, DV = (int(x) for x in a.shape.split(","))
+    if len(a.shape) != 4:
+        ap.error(f"--shape: want four numbers BT,BL,BK,DV, got {len(a.shape)}")
+    BT, BL, BK, DV = a.shape
     for name in a.kernels.split(","):
         fn = getattr(kern, name, None)
         if fn is None:
             sys.exit(f"kernel_regs.py: no kernel {name!r} in atlas/memory/triton_kernels.py")
         fn = fn.fn  # the @triton.jit function under the autotuner
-        for bv, warps in itertools.product(a.bv.split(","), a.warps.split(",")):
-            consts = {k: v for k, v in {**FLAGS, "BT": BT, "BL": BL, "BK": BK, "BV": int(bv)}.items()
+        for bv, warps in itertools.product(a.bv, a.warps):
+            consts = {k: v for k, v in {**FLAGS, "BT": BT, "BL": BL, "BK": BK, "BV": bv}.items()
                       if k in fn.arg_names}
             try:
                 c = triton.compile(source(fn, consts), target=GPUTarget("cuda", 90, 32),
-                                   options={"num_warps": int(warps), "num_stages": 2})
+                                   options={"num_warps": warps, "num_stages": 2})
             except triton.CompilationError as e:  # e.g. a block under tl.dot's 16 rows of K
                 while e.__cause__ is not None:  # the innermost error says why
                     e = e.__cause__
