@@ -18,7 +18,8 @@ import torch
 
 from scan_kernels import shape  # benchmarks/, this script's folder
 
-from atlas.bench import autotune_picks, gpu, scan_inputs
+from atlas.bench import autotune_picks, scan_inputs
+from atlas.timing import gpu
 from atlas.memory import memory_scan
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from atlas.bench import fwd_bwd, gpu, memory_layer, scan_inputs, timed
+from atlas.bench import memory_layer, scan_inputs
+from atlas.timing import fwd_bwd, gpu, timed
 from atlas.memory import memory_scan
 
 

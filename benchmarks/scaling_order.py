@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from atlas.bench import GRAPHS, autotune_picks, gpu, layer_ms
+from atlas.bench import GRAPHS, autotune_picks, layer_ms
+from atlas.timing import gpu
 
 
 def main() -> None:

@@ -21,7 +21,8 @@ import torch
 
 from profile_layer import kernel_table  # benchmarks/, this script's folder
 
-from atlas.bench import autotune_picks, gpu, kernel_error, scan_inputs
+from atlas.bench import autotune_picks, kernel_error, scan_inputs
+from atlas.timing import gpu
 from atlas.memory import memory_scan
 
 
