@@ -83,3 +83,11 @@ def test_ab_script_prepares_copies_and_refuses_unknown_modes(tmp_path):
     assert r.returncode == 0 and (tmp_path / "HEAD" / "atlas" / "memory" / "triton_scan.py").exists()
     r = subprocess.run(["bash", "benchmarks/ab.sh", "timing", "HEAD"], cwd=root, env=env, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["unknown: timing (prepare, kernels, conv, model, decode or scaling)"]
+
+
+def test_table_marks_the_headline_mode_once():
+    from atlas.bench import table
+    layer = {"B": 2, "T": 8, "H": 1, "D": 4, "chunk_size": 4, "sdpa_eager_ms": 2.0, "sdpa_eager_tok_s": 8.0,
+             "sdpa_captured_ms": 1.0, "sdpa_captured_tok_s": 16.0, "sdpa_mode": "eager", "sdpa_ms": 2.0, "sdpa_tok_s": 8.0}
+    rows = [line for line in table({"device": "x", "dtype": "y", "layer": layer}).splitlines() if line.startswith("| sdpa")]
+    assert rows == ["| sdpa_eager (headline) | 2.00 | 8 |", "| sdpa_captured | 1.00 | 16 |"]
