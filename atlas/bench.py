@@ -109,7 +109,7 @@ def bench_scan(B, T, H, D, chunk, device) -> dict:
              "graphs": fwd_bwd(torch.compile(scan, dynamic=False, mode=GRAPHS), ins)}
     if device.type == "cuda":
         steps["captured"] = captured(fwd_bwd(torch.compile(scan, dynamic=False), [fresh(t) for t in ins]))
-    return time_modes("atlas_scan", steps, B * T, beside=("captured",))
+    return time_modes("atlas_scan", steps, B * T)
 
 
 def bench_triton_modes(x, d, H, chunk, dtype, device) -> dict:
@@ -122,7 +122,7 @@ def bench_triton_modes(x, d, H, chunk, dtype, device) -> dict:
     steps = {"eager": step("eager"), "compiled": step(), "graphs": step(GRAPHS)}
     if device.type == "cuda":
         steps["captured"] = captured(step(inp=fresh(x)))
-    return time_modes("atlas_triton", steps, x.shape[0] * x.shape[1], beside=("captured",))
+    return time_modes("atlas_triton", steps, x.shape[0] * x.shape[1])
 
 
 def bench_layer(B, T, H, D, chunk, dtype, device, impls) -> dict:
@@ -145,7 +145,7 @@ def bench_layer(B, T, H, D, chunk, dtype, device, impls) -> dict:
     steps = {"eager": fwd_bwd(sdpa, (q, k, v))}
     if cuda:
         steps["captured"] = captured(fwd_bwd(sdpa, [fresh(t) for t in (q, k, v)]))
-    out.update(time_modes("sdpa", steps, B * T, beside=("captured",)))
+    out.update(time_modes("sdpa", steps, B * T))
     try:
         from titans_pytorch import NeuralMemory
         from titans_pytorch.memory_models import MemoryMLP
@@ -164,7 +164,7 @@ def bench_layer(B, T, H, D, chunk, dtype, device, impls) -> dict:
         return run
     # eager is the headline (titans-pytorch as shipped, as the issue measured it); captured beside it
     steps = {"eager": titans(), **({"captured": captured(titans())} if cuda else {})}
-    out.update(time_modes("titans_pytorch", steps, B * T, beside=("captured",)))
+    out.update(time_modes("titans_pytorch", steps, B * T))
     return out
 
 

@@ -18,8 +18,8 @@ import torch
 from profile_layer import kernel_table  # benchmarks/, this script's folder
 
 from atlas.bench import autotune_picks
-from atlas.timing import gpu
 from atlas.memory.conv import conv_silu, conv_silu_torch, l2_groups
+from atlas.timing import gpu
 
 
 def main() -> None:

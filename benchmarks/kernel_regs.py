@@ -25,6 +25,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile the kernels (the CPU tests interpret them), before they are defined
+from scan_kernels import ints  # noqa: E402  (benchmarks/, this script's folder)
+
 from atlas.memory import triton_kernels as kern  # noqa: E402
 
 BF, F32, I32 = "*bf16", "*fp32", "*i32"
@@ -59,14 +61,6 @@ def usage(cubin: bytes) -> str:
                              capture_output=True, text=True, check=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+)", out)
     return f"{m.group(1)} registers, {m.group(2)} bytes of stack" if m else out.strip()[-200:]
-
-
-def ints(text: str) -> list[int]:
-    """A comma-separated list of positive integers (--bv, --warps, --shape)."""
-    parts = text.split(",")
-    if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"{text!r}: want positive integers separated by commas, e.g. 16,32")
-    return [int(p) for p in parts]
 
 
 def main() -> None:

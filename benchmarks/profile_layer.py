@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from atlas.bench import memory_layer, scan_inputs
-from atlas.timing import fwd_bwd, gpu, timed
 from atlas.memory import memory_scan
+from atlas.timing import fwd_bwd, gpu, timed
 
 
 def op_table(prof, iters: int) -> list[dict]:

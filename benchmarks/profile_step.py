@@ -23,8 +23,8 @@ import torch
 from profile_layer import op_table  # benchmarks/, this script's folder
 
 from atlas.bench import autotune_picks, build_model, train_step
-from atlas.timing import gpu, timed
 from atlas.config import load_config
+from atlas.timing import gpu, timed
 
 SCAN = ("_fwd_state", "_fwd_out", "_bwd_state", "_bwd_q", "_bwd_k")
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from atlas.bench import scan_inputs
-from atlas.timing import times_ms
 from atlas.memory import memory_scan
+from atlas.timing import times_ms
 
 
 def main() -> None:

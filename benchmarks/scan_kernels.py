@@ -22,16 +22,34 @@ import torch
 from profile_layer import kernel_table  # benchmarks/, this script's folder
 
 from atlas.bench import autotune_picks, kernel_error, scan_inputs
-from atlas.timing import gpu
 from atlas.memory import memory_scan
+from atlas.timing import gpu
+
+
+def ints(text: str) -> list[int]:
+    """A comma-separated list of positive integers (an argparse type)."""
+    parts = text.split(",")
+    if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: want positive integers separated by commas, e.g. 16,32")
+    return [int(p) for p in parts]
 
 
 def shape(text: str) -> tuple[int, int, int, int]:
     """--shape's B,T,chunk,window."""
     parts = text.split(",")
-    if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+    if len(parts) != 4:
         raise argparse.ArgumentTypeError(f"{text!r}: want four positive integers B,T,chunk,window, e.g. 1,32768,64,1")
-    return tuple(int(p) for p in parts)
+    return tuple(ints(text))
+
+
+def scan_call(B: int, T: int, chunk: int, window: int, dev, H: int = 8, D: int = 128):
+    """One memory_scan forward + backward (Triton) on atlas bench's random inputs at this shape."""
+    ins = [t.requires_grad_(True) for t in scan_inputs(B, T, H, D, dev, seed=2)]
+    dy = torch.randn(B, T, H, D, device=dev).bfloat16()  # (B, T, H, D) like y
+
+    def call():
+        memory_scan(*ins, chunk_size=chunk, window=window, impl="triton")[0].backward(dy)
+    return call
 
 
 def main() -> None:
@@ -47,12 +65,7 @@ def main() -> None:
                        "chunk2048_w16": kernel_error(2, 4096, H, D, 2048, dev, 16)}}
     B, T, chunk, window = a.shape
     res["shape"] = {"B": B, "T": T, "H": H, "D": D, "chunk": chunk, "window": window}
-    ins = [t.requires_grad_(True) for t in scan_inputs(B, T, H, D, dev, seed=2)]
-    dy = torch.randn(B, T, H, D, device=dev).bfloat16()  # (B, T, H, D) like y
-
-    def call():
-        memory_scan(*ins, chunk_size=chunk, window=window, impl="triton")[0].backward(dy)
-    _, rows, _, _ = kernel_table(call, iters=10)  # the 40 largest kernels, largest first (after one untimed call)
+    _, rows, _, _ = kernel_table(scan_call(B, T, chunk, window, dev, H, D), iters=10)  # the 40 largest kernels, largest first (after one untimed call)
     res["kernels_ms"] = {r["kernel"]: r["ms"] for r in rows}
     res["scan_kernels_ms"] = {r["kernel"]: r["ms"] for r in rows if r["kernel"].startswith("_")}  # _fwd_state, ...
     res["autotuned"] = autotune_picks()  # at the timed shape

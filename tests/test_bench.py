@@ -62,10 +62,11 @@ def test_gpu_scripts_without_a_gpu_say_one_line(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     root = Path(__file__).resolve().parents[1]
-    for script in ("profile_layer.py", "profile_step.py", "scaling_order.py", "scan_kernels.py", "conv_kernels.py"):
+    for script in ("profile_layer.py", "profile_step.py", "scaling_order.py", "scan_kernels.py", "conv_kernels.py", "ncu_scan.py"):
         out = tmp_path / f"{script}.json"
-        extra = ["--name", "x"] if script.endswith("_kernels.py") else []
-        r = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--out", str(out), *extra],
+        args = [] if script == "ncu_scan.py" else ["--out", str(out)]  # ncu_scan.py writes nothing, ncu does
+        args += ["--name", "x"] if script.endswith("_kernels.py") else []
+        r = subprocess.run([sys.executable, str(root / "benchmarks" / script), *args],
                            capture_output=True, text=True, cwd=root)
         assert r.returncode == 1 and r.stderr.strip().splitlines() == [
             f"{script}: no CUDA device here; it times GPU kernels, so run it on a GPU machine"], (script, r.stderr)
