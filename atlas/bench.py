@@ -2,7 +2,9 @@
 transformer, on one GPU. Writes benchmarks/results/<name>.json and prints a table.
 
 Every number is the median of >= 10 timed runs after warm-up, timed with CUDA events, on random
-inputs. `--smoke` runs tiny shapes on whatever device there is (a CPU check of the code path).
+inputs; the runs go back to back as a training loop's steps do (`--timing synced` waits for each
+one instead; atlas/timing.py). `--smoke` runs tiny shapes on whatever device there is (a CPU
+check of the code path).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from .config import load_config
 from .errors import UserError
 from .memory.layer import MemoryLayer
 from .model import AtlasLM
+from . import timing
 from .timing import captured, fresh, fwd_bwd, time_modes, timed, times_ms
 from .train.flops import flops_per_token, peak_flops
 
@@ -252,7 +255,9 @@ SECTIONS = ("layer", "scaling", "model", "decode")
 DEFAULT_OUT = "benchmarks/results/h100.json"
 
 
-def run(out_path: Path, smoke: bool, sections=SECTIONS, compile_model: bool = True) -> dict:
+def run(out_path: Path, smoke: bool, sections=SECTIONS, compile_model: bool = True,
+        method: str = "steady") -> dict:
+    timing.set_method(method)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -273,11 +278,12 @@ def run(out_path: Path, smoke: bool, sections=SECTIONS, compile_model: bool = Tr
         result = {}  # never mix sections measured on different devices
     result.update({"device": device_name, "dtype": str(dtype).replace("torch.", "")})
     result.setdefault("commands", {})
+    result.setdefault("timing", {})  # each section's timing method (atlas/timing.py)
     result["command"] = "atlas bench  (sections and their exact commands: 'commands')"
     def save():  # after every section: a run cut short keeps what it measured
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=1) + "\n")
-    base = "atlas bench" + (" --smoke" if smoke else "")
+    base = "atlas bench" + (" --smoke" if smoke else "") + ("" if method == "steady" else f" --timing {method}")
     # the command that remakes this file's sections as they were run
     cmd = base if set(sections) == set(SECTIONS) else f"{base} --sections {','.join(s for s in SECTIONS if s in sections)}"
     best = impls[-1]
@@ -287,6 +293,7 @@ def run(out_path: Path, smoke: bool, sections=SECTIONS, compile_model: bool = Tr
             result["layer"]["triton_vs_chunked_rel_err"] = kernel_error(B, T, H, D, chunk, device)
             # and at the 300M model's memory: chunks of 2048 over sub-chunks, Omega window 16
             result["layer"]["triton_vs_chunked_rel_err_chunk2048_w16"] = kernel_error(B, T, H, D, 2048, device, 16)
+        result["timing"]["layer"] = method
         result["commands"]["layer"] = cmd
         save()
     if "scaling" in sections:
@@ -295,6 +302,7 @@ def run(out_path: Path, smoke: bool, sections=SECTIONS, compile_model: bool = Tr
         # CUDA graphs, its pick at every shape so far (benchmarks/README.md)
         picked = result.get("layer", {}).get("atlas_triton_mode", "graphs" if device.type == "cuda" else "compiled")
         mode = GRAPHS if picked == "graphs" else None
+        result["timing"]["scaling"] = method
         result["commands"]["scaling"] = cmd
         done = {}  # (B, T) -> ms: the two series meet at the longest T (B = 1), timed once
         for t in Ts:
@@ -312,12 +320,14 @@ def run(out_path: Path, smoke: bool, sections=SECTIONS, compile_model: bool = Tr
                 save()  # each shape compiles from scratch (the section ran past 330 s on the H100): keep the rows so far
     if "model" in sections:
         result["model"] = bench_section_model(model_over, best, mB, mT, device, compile_model and device.type == "cuda")
+        result["timing"]["model"] = method
         result["commands"]["model"] = cmd + ("" if compile_model else " --no-compile")
         save()
     if "decode" in sections:
         dec_over = model_over + [f"model.memory.impl={best}", f"model.attn_window={ctxs[0]}",
                                  f"model.max_seq_len={max(ctxs) + 1}", "train.seq_len=16"]
         result["decode"] = bench_decode("atlas_300m_omega", dec_over, ctxs, device)
+        result["timing"]["decode"] = method
         result["commands"]["decode"] = cmd
         save()
     return result
@@ -395,7 +405,7 @@ def cmd_bench(args) -> None:
         raise UserError("bench: no CUDA device here, and the benchmark's shapes (B=2, T=4096, a 300M model) "
                         "are for one GPU; run it on a GPU, or check the code path on CPU with "
                         "`atlas bench --smoke --out /tmp/bench.json`")
-    r = run(Path(args.out), args.smoke, sections, compile_model=not args.no_compile)
+    r = run(Path(args.out), args.smoke, sections, compile_model=not args.no_compile, method=args.timing)
     print(table(r))
     print(f"wrote {args.out}")
 
@@ -406,4 +416,7 @@ def add_bench_command(sub) -> None:
     p.add_argument("--smoke", action="store_true", help="tiny shapes, any device (checks the code path)")
     p.add_argument("--sections", help=f"comma-separated subset of {','.join(SECTIONS)}; others are kept from --out")
     p.add_argument("--no-compile", action="store_true", help="time the 300M step eagerly")
+    p.add_argument("--timing", choices=timing.METHODS, default="steady",
+                   help="steady: timed calls back to back, as training runs them (default); "
+                        "synced: the host waits for each call (atlas/timing.py)")
     p.set_defaults(fn=cmd_bench)

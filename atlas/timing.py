@@ -1,6 +1,16 @@
 """How `atlas bench` and the scripts in benchmarks/ time things: medians of CUDA events after
 warm-up (perf_counter on a CPU), Python's cyclic garbage collector off while they run, a forward +
 backward step, the same step captured whole in one CUDA graph, and the fastest of several modes.
+
+Two ways to run the timed calls (`set_method`):
+  * "steady" (the default): back to back, as a training loop runs its steps -- no host
+    synchronisation between them, so the host prepares call i+1 while the GPU still runs call i,
+    and each call's events measure the GPU from the end of the call before to the end of this
+    one: device time where the host keeps up, host time where it does not (Triton's do_bench
+    times the same way);
+  * "synced": the host waits for each call to finish before starting the next, so each call
+    also carries the host's work before its first kernel, which in a training loop overlaps the
+    step before (how `atlas bench` timed up to the thirteenth session).
 """
 from __future__ import annotations
 
@@ -10,6 +20,21 @@ import sys
 import time
 
 import torch
+
+METHODS = ("steady", "synced")
+_method = "steady"
+
+
+def set_method(name: str) -> None:
+    """How later timings run their calls: "steady" (back to back) or "synced" (see the docstring)."""
+    global _method
+    if name not in METHODS:
+        raise ValueError(f"timing method {name!r}: choose from {', '.join(METHODS)}")
+    _method = name
+
+
+def method() -> str:
+    return _method
 
 
 def gpu(script: str) -> torch.device:
@@ -42,21 +67,22 @@ def times_ms(fn, warmup: int = 3, reps: int = 10) -> list[float]:
 
 
 def _timed_reps(fn, reps: int) -> list[float]:
-    cuda = torch.cuda.is_available()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(reps):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return times
+        return times
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+        if _method == "synced":
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
 
 
 def fwd_bwd(module_fn, inputs, params=()):

@@ -4,7 +4,8 @@ import time
 import pytest
 import torch
 
-from atlas.timing import captured, time_modes
+from atlas import timing
+from atlas.timing import captured, time_modes, timed
 
 
 def test_time_modes_keeps_the_others_when_one_fails():
@@ -37,3 +38,26 @@ def test_captured_step_replays_the_same_gradients():
     replay()
     torch.cuda.synchronize()
     assert torch.allclose(keep["grad"], want)
+
+
+def test_unknown_timing_method_is_refused():
+    with pytest.raises(ValueError, match="steady, synced"):
+        timing.set_method("fast")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times a GPU kernel")
+def test_steady_timing_hides_host_work_behind_the_call_before():
+    a = torch.randn(8192, 8192, device="cuda")  # float32: ~20 ms of matmul on an H100
+
+    def call():  # 10 ms of host work, then the kernel
+        time.sleep(0.01)
+        a @ a
+    try:
+        timing.set_method("synced")
+        synced = timed(call, warmup=1, reps=5)
+        timing.set_method("steady")
+        steady = timed(call, warmup=1, reps=5)
+    finally:
+        timing.set_method("steady")
+    # synced: sleep + kernel; steady: the sleep runs while the call before's kernel does
+    assert steady < synced - 5, (steady, synced)
