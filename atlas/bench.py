@@ -19,6 +19,7 @@ from .config import load_config
 from .errors import UserError
 from .memory.layer import MemoryLayer
 from .model import AtlasLM
+from .model.decode import StaticDecoder
 from . import timing
 from .timing import captured, fresh, fwd_bwd, time_modes, timed, times_ms
 from .train.flops import flops_per_token, peak_flops
@@ -223,31 +224,41 @@ def bench_model(preset: str, overrides: list[str], B: int, T: int, device, compi
 @torch.no_grad()
 def bench_decode(preset: str, overrides: list[str], contexts: list[int], device, rounds: int = 5,
                  steps: int = 10) -> list[dict]:
-    """Per-token latency of generation after a prefill of each context. Every context is prefilled
-    first, then all are timed in turns: `rounds` rounds of `steps` generation steps each (the state
-    moves on, as it does when generating), the median over all of them. Decoding is eager and
-    host-bound, and the host's speed drifts within a run: timed one context after the other, the
-    last (32K) once read 62.6 ms against 39.1-41.9 for the others, and 39.7 in a rerun
-    (benchmarks/README.md). In turns, every context sees the same drift."""
+    """Per-token latency of generation after a prefill of each context: each step replayed from a
+    CUDA graph (`StaticDecoder`, as `generate` runs on a GPU; on a CPU its eager twin), and the
+    eager step beside it. Every context is prefilled first, then all are timed in turns: `rounds`
+    rounds of `steps` generation steps each (the state moves on, as it does when generating), the
+    median over all of them. Eager decoding is host-bound, and the host's speed drifts within a
+    run: timed one context after the other, the last (32K) once read 62.6 ms against 39.1-41.9
+    for the others, and 39.7 in a rerun (benchmarks/README.md). In turns, every context sees the
+    same drift."""
     cfg = load_config(preset, overrides)
     model = AtlasLM(cfg.model).to(device).eval()
-    boxes, times = {}, {ctx: [] for ctx in contexts}
+    boxes = {}
+    times = {(ctx, way): [] for ctx in contexts for way in ("graphs", "eager")}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for ctx in contexts:
             idx = torch.randint(0, cfg.model.vocab_size, (1, ctx), device=device)
             state = None  # prefill in pieces: the memory absorbs the context, attention keeps its window
             for piece in idx.split(4096, dim=1):
                 _, state = model(piece, state)
-            boxes[ctx] = {"state": state, "tok": idx[:, -1:]}
+            boxes[ctx] = {"state": state, "tok": idx[:, -1:],
+                          "decoder": StaticDecoder(model, state, graphs=device.type == "cuda")}
         for r in range(rounds):
             for ctx, box in boxes.items():
-                def one(box=box):  # one generation step of this context's sequence
+                def eager(box=box):  # one generation step of this context's sequence
                     _, box["state"] = model(box["tok"], box["state"])
-                times[ctx] += times_ms(one, warmup=3 if r == 0 else 1, reps=steps)
-    rows = [{"context": ctx, "ms_per_token": statistics.median(times[ctx]), "steps": len(times[ctx])}
-            for ctx in contexts]
+
+                def graphs(box=box):  # the same from its own copy of the state, replayed
+                    box["decoder"].step(box["tok"])
+                for way, fn in (("graphs", graphs), ("eager", eager)):
+                    times[ctx, way] += times_ms(fn, warmup=3 if r == 0 else 1, reps=steps)
+    rows = [{"context": ctx, "ms_per_token": statistics.median(times[ctx, "graphs"]),
+             "eager_ms_per_token": statistics.median(times[ctx, "eager"]), "steps": len(times[ctx, "graphs"]),
+             "mode": "graphs" if device.type == "cuda" else "eager twin"} for ctx in contexts]
     for row in rows:
-        print(f"decode: context {row['context']}: {row['ms_per_token']:.2f} ms/token", flush=True)
+        print(f"decode: context {row['context']}: {row['ms_per_token']:.2f} ms/token "
+              f"({row['mode']}; eager {row['eager_ms_per_token']:.2f})", flush=True)
     return rows
 
 
@@ -390,6 +401,9 @@ def table(r: dict) -> str:
                      + ", ".join(f"T={s['T']}: {s['us_per_token']:.2f}" for s in r["scaling_fixed_tokens"]))
     if r.get("decode"):
         lines.append("decode (ms/token): " + ", ".join(f"{d['context']}: {d['ms_per_token']:.2f}" for d in r["decode"]))
+        if "eager_ms_per_token" in r["decode"][0]:
+            lines.append("decode, eager steps (ms/token): "
+                         + ", ".join(f"{d['context']}: {d['eager_ms_per_token']:.2f}" for d in r["decode"]))
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ def test_bench_smoke_writes_json(tmp_path, capsys):
     assert {"device", "command", "layer", "model", "scaling", "decode"} <= set(r)
     assert {"B", "T", "H", "D", "atlas_chunked_tok_s", "sdpa_tok_s", "titans_pytorch_tok_s"} <= set(r["layer"])
     assert {"atlas_300m_tok_s", "transformer_300m_tok_s", "atlas_300m_mfu"} <= set(r["model"])
-    assert all(s["ms"] > 0 for s in r["scaling"]) and all(d["ms_per_token"] > 0 for d in r["decode"])
+    assert all(s["ms"] > 0 for s in r["scaling"]) and all(d["ms_per_token"] > 0 and d["eager_ms_per_token"] > 0 for d in r["decode"])
     # the fixed-token series: B*T the same at every T
     assert len({s["B"] * s["T"] for s in r["scaling_fixed_tokens"]}) == 1 and [s["B"] for s in r["scaling"]] == [1, 1]
     assert "atlas_chunked" in capsys.readouterr().out

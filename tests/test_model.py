@@ -5,6 +5,8 @@ import torch
 from atlas.config import load_config
 from atlas.memory.stats import STAT_NAMES, memory_stats
 from atlas.model import AtlasLM
+from atlas.model.decode import StaticDecoder
+from atlas.model.generate import generate
 from atlas.model.params import count_by_component
 
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=48", "model.vocab_size=97",
@@ -173,3 +175,50 @@ def test_compile_blocks_keeps_numbers_and_keys():
     out, _ = m(idx)
     assert list(m.state_dict()) == keys
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [v for v in VARIANTS if "model.attn_window=null" not in v])
+def test_static_decoder_steps_as_the_model_does(overrides):
+    """StaticDecoder (its eager twin here; the CUDA graph in test_static_decoder_graph_on_gpu) gives
+    the logits of model(token, state) step after step, across chunk boundaries (chunk 4), from
+    prompts ending mid-chunk and on a boundary."""
+    m = make("model.attn_window=5", *overrides)
+    idx = torch.randint(0, 97, (2, 23))
+    for prompt in (9, 8):
+        _, state = m(idx[:, :prompt])
+        dec = StaticDecoder(m, state, graphs=False)
+        for t in range(prompt, idx.shape[1]):
+            want, state = m(idx[:, t:t + 1], state)
+            torch.testing.assert_close(dec.step(idx[:, t:t + 1]), want, rtol=1e-12, atol=1e-12)
+
+
+def test_static_decoder_refuses_what_it_cannot_hold():
+    m = make("model.attn_window=5")
+    with pytest.raises(ValueError, match="holds 2 of its window's 4 keys"):
+        StaticDecoder(m, m(torch.randint(0, 97, (1, 2)))[1], graphs=False)
+    m = make("model.attn_window=null")
+    with pytest.raises(ValueError, match="no sliding window"):
+        StaticDecoder(m, m(torch.randint(0, 97, (1, 6)))[1], graphs=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_static_decoder_graph_on_gpu(impl):
+    """The captured step replays the eager step's logits, under bf16 autocast as the bench runs it."""
+    m = make("model.attn_window=5", f"model.memory.impl={impl}", "model.memory.rule=muon",
+             "model.memory.max_norm=0.02", dtype=torch.float32).cuda()
+    idx = torch.randint(0, 97, (2, 30), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
+        _, state = m(idx[:, :9])
+        dec = StaticDecoder(m, state, graphs=True)
+        for t in range(9, idx.shape[1]):
+            want, state = m(idx[:, t:t + 1], state)
+            torch.testing.assert_close(dec.step(idx[:, t:t + 1]), want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_generate_with_graphs_samples_what_eager_does():
+    m = make("model.attn_window=5", "model.memory.impl=triton", dtype=torch.float32).cuda()
+    prompt = torch.randint(0, 97, (9,)).tolist()
+    eager = generate(m, prompt, 40, temperature=0, graphs=False)
+    assert generate(m, prompt, 40, temperature=0, graphs=True) == eager

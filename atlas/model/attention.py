@@ -12,16 +12,18 @@ import torch.nn.functional as F
 class KVCache:
     k: torch.Tensor  # (B, H, L, D), rotated
     v: torch.Tensor  # (B, H, L, D)
-    pos: int  # absolute position of the next token
+    pos: int | torch.Tensor  # absolute position of the next token (a 0-dim tensor in a CUDA-graph decoder)
 
 
-def rope(xs: tuple[torch.Tensor, ...], pos0: int, theta: float) -> tuple[torch.Tensor, ...]:
+def rope(xs: tuple[torch.Tensor, ...], pos0: int | torch.Tensor, theta: float) -> tuple[torch.Tensor, ...]:
     """Rotate pairs of each x (B, H, T, D) by their absolute positions pos0 .. pos0+T-1; the
-    angles are computed once for all of xs (q and k)."""
+    angles are computed once for all of xs (q and k). pos0 may be a 0-dim tensor, so a step
+    replayed from a CUDA graph reads its position from the device."""
     T, D = xs[0].shape[-2], xs[0].shape[-1]
     dev = xs[0].device
     inv_freq = theta ** (-torch.arange(0, D, 2, device=dev, dtype=torch.float32) / D)  # (D/2,)
-    ang = torch.arange(pos0, pos0 + T, device=dev, dtype=torch.float32)[:, None] * inv_freq  # (T, D/2)
+    pos = torch.arange(T, device=dev, dtype=torch.float32) + pos0  # (T,): exact integers below 2**24
+    ang = pos[:, None] * inv_freq  # (T, D/2)
     work = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
     cos, sin = ang.cos().to(work), ang.sin().to(work)
 

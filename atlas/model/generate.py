@@ -3,18 +3,26 @@ from __future__ import annotations
 
 import torch
 
+from .decode import StaticDecoder, unsupported
+
+MIN_GRAPH_TOKENS = 16  # fewer tokens left than this: a capture would cost more than it saves
+
 
 @torch.no_grad()
 def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8,
-             top_k: int | None = 50, generator: torch.Generator | None = None) -> list[int]:
+             top_k: int | None = 50, generator: torch.Generator | None = None,
+             graphs: bool | None = None) -> list[int]:
     """Sample continuation ids. The memory and attention caches carry across steps, so a new
     token's cost does not grow with the context (with sliding-window attention): the memory takes
-    one O(1) step of the function the model was trained as (atlas/memory/step.py)."""
+    one O(1) step of the function the model was trained as (atlas/memory/step.py).
+    graphs: once the attention window's cache is full, replay each step from a CUDA graph
+    (decode.StaticDecoder: the same function, one launch a token); None: on a GPU."""
     device = next(model.parameters()).device
+    graphs = device.type == "cuda" if graphs is None else graphs
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     logits, state = model(idx)
-    out = []
-    for _ in range(max_new_tokens):
+    out, decoder = [], None
+    for i in range(max_new_tokens):
         last = logits[:, -1].float()  # (1, V)
         if temperature <= 0:
             nxt = last.argmax(-1, keepdim=True)
@@ -26,5 +34,10 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
             probs = torch.softmax(last, -1)
             nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)  # (1, 1)
         out.append(int(nxt))
-        logits, state = model(nxt, state)
+        if graphs and decoder is None and max_new_tokens - i >= MIN_GRAPH_TOKENS and unsupported(model, state) is None:
+            decoder = StaticDecoder(model, state, graphs=True)
+        if decoder is not None:
+            logits = decoder.step(nxt)
+        else:
+            logits, state = model(nxt, state)
     return out

@@ -272,6 +272,7 @@ def write_samples(model, tokenizer, run_dir: Path, step: int, t) -> None:
     model.eval()
     with open(run_dir / "samples.jsonl", "a") as f:
         for prompt in PROMPTS:
-            ids = generate(model, tokenizer.encode(prompt), t.sample_tokens, generator=gen)
+            # eager: the blocks may be compiled for training, and a few samples are not worth a capture
+            ids = generate(model, tokenizer.encode(prompt), t.sample_tokens, generator=gen, graphs=False)
             f.write(json.dumps({"step": step, "prompt": prompt, "text": tokenizer.decode(ids)}) + "\n")
     model.train()

@@ -1,0 +1,141 @@
+"""Decoding one token a step from a CUDA graph.
+
+Eager decoding is host-bound: ~300 PyTorch ops a layer a token, each a Python call and a kernel
+launch (~45 ms a token for the 300M model on an H100, benchmarks/README.md). `StaticDecoder`
+runs the model's own one-token forward on a state whose tensors sit in fixed buffers, writes the
+step's new state back into them, and on a GPU captures all of that once in a CUDA graph: a step
+is then one replay. The function is the model's, unchanged; only where the state lives differs:
+
+  * attention: the sliding window's cache is full (window - 1 keys), so its shape stops changing;
+    the position is a 0-dim tensor on the device (rope reads it there);
+  * memory: every token of a chunk runs the same step (step.py) against the chunk-start memory
+    and the running M; only which buffers those are changes where a chunk opens, which the host
+    knows by counting tokens. There the decoder copies the memory into them (outside the graph)
+    as MemoryLayer._step does when a token opens a chunk.
+
+The open chunk's inputs that a later several-token call would re-run (MemoryLayerState.pending)
+are not kept: the decoder's state is its own, for generating. graphs=False runs the same steps
+eagerly: the twin the tests hold the graph to, and the tests' way to check the bookkeeping on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..memory.layer import MemoryLayerState
+from ..memory.state import MemoryState, newton_schulz5
+from ..memory.step import Running
+from .attention import KVCache
+from .block import BlockState
+
+
+def unsupported(model, state: list[BlockState]) -> str | None:
+    """Why `state` cannot be stepped by a StaticDecoder yet (None: it can)."""
+    for i, (block, s) in enumerate(zip(model.blocks, state)):
+        w = block.attn.window
+        if w is None:
+            return "attention has no sliding window (model.attn_window), so its cache grows every token"
+        if s.attn.k.shape[2] != w - 1:
+            return f"layer {i}: the attention cache holds {s.attn.k.shape[2]} of its window's {w - 1} keys"
+        if block.has_memory and block.memory_off:
+            return "the memory ablation is on"
+        if block.has_memory and block.memory.chunk_size < 2:
+            return "memory chunks of one token close at every step"
+    return None
+
+
+def _clone_memory(m: MemoryState) -> MemoryState:
+    return MemoryState(*(t.clone() for t in (m.M, m.S, m.k, m.v, m.gamma)))
+
+
+def _copy_memory(dst: MemoryState, src: MemoryState) -> None:
+    for d, s in zip((dst.M, dst.S, dst.k, dst.v, dst.gamma), (src.M, src.S, src.k, src.v, src.gamma)):
+        d.copy_(s)
+
+
+class StaticDecoder:
+    """`model` stepped one token at a time from `state` (a prefill's), the state in buffers that
+    each step overwrites; graphs=True (CUDA) replays each step from one CUDA graph."""
+
+    @torch.no_grad()
+    def __init__(self, model, state: list[BlockState], graphs: bool):
+        why = unsupported(model, state)
+        if why:
+            raise ValueError(f"StaticDecoder: {why}; decode eagerly (model(token, state)) instead")
+        self.model, self.graph = model, None
+        device = state[0].attn.k.device
+        self.tok = torch.zeros(state[0].attn.k.shape[0], 1, dtype=torch.long, device=device)  # (B, 1)
+        self.state, self.n_open = [], 0
+        self.muon = []  # per memory layer: is its rule Muon (empty: the model has no memory)
+        for block, s in zip(model.blocks, state):
+            kv = KVCache(s.attn.k.clone(), s.attn.v.clone(), torch.as_tensor(s.attn.pos, device=device).clone())
+            mem = None
+            if s.memory is not None:
+                m = s.memory
+                opened = m.pending is not None
+                # buffers for the chunk start and the running M; a chunk that opens copies into them
+                start = _clone_memory(m.chunk_start if opened else m.memory)
+                run = Running(*(t.clone() for t in ((m.running.M, m.running.S_seen) if opened else (m.memory.M, m.memory.S))))
+                # pending=[] and open_len=0: MemoryLayer._step's mid-chunk branch, whatever the count
+                mem = MemoryLayerState(_clone_memory(m.memory), None if m.conv is None else m.conv.clone(),
+                                       start, [], run, 0)
+                self.n_open, self.chunk = (m.open_len if opened else 0), block.memory.chunk_size
+                self.muon.append(block.memory.cfg.rule == "muon")
+            self.state.append(BlockState(kv, mem))
+        if graphs:
+            self._capture()
+
+    def _run(self) -> None:
+        """The model's one-token forward on the buffers, its new state written back into them."""
+        self.logits, new = self.model(self.tok, self.state)  # (B, 1, V)
+        for s, n in zip(self.state, new):
+            s.attn.k.copy_(n.attn.k)
+            s.attn.v.copy_(n.attn.v)
+            s.attn.pos.copy_(n.attn.pos)
+            if s.memory is not None:
+                _copy_memory(s.memory.memory, n.memory.memory)
+                if s.memory.conv is not None:
+                    s.memory.conv.copy_(n.memory.conv)
+                s.memory.running.M.copy_(n.memory.running.M)
+                s.memory.running.S_seen.copy_(n.memory.running.S_seen)
+
+    def _capture(self) -> None:
+        # under autocast, capture without its cache of cast weights (torch.cuda.graph's rule)
+        ctx = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+               if torch.is_autocast_enabled("cuda") else contextlib.nullcontext())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), ctx:  # warm-up (Triton's autotuning, cuBLAS's workspaces): reads the state only
+            for _ in range(2):
+                self.model(self.tok, self.state)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), ctx:
+            self._run()
+
+    def _open_chunk(self) -> None:
+        """The next token opens a chunk: its start is the memory now, and the running M and momentum
+        start from it (NS5 of the momentum under Muon), as MemoryLayer._step opens one."""
+        muon = iter(self.muon)
+        for s in self.state:
+            if s.memory is not None:
+                mem = s.memory.memory
+                _copy_memory(s.memory.chunk_start, mem)
+                s.memory.running.M.copy_(mem.M)
+                s.memory.running.S_seen.copy_(newton_schulz5(mem.S) if next(muon) else mem.S)
+
+    @torch.no_grad()
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        """tok (B, 1) ids -> logits (B, 1, V) of the next token. The logits live in a buffer the
+        next step overwrites: read or copy them first."""
+        if self.muon and self.n_open == 0:
+            self._open_chunk()
+        self.tok.copy_(tok)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._run()
+        if self.muon:
+            self.n_open = (self.n_open + 1) % self.chunk  # the chunk closes: the next token opens one
+        return self.logits
