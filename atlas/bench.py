@@ -224,41 +224,52 @@ def bench_model(preset: str, overrides: list[str], B: int, T: int, device, compi
 @torch.no_grad()
 def bench_decode(preset: str, overrides: list[str], contexts: list[int], device, rounds: int = 5,
                  steps: int = 10) -> list[dict]:
-    """Per-token latency of generation after a prefill of each context: each step replayed from a
-    CUDA graph (`StaticDecoder`, as `generate` runs on a GPU; on a CPU its eager twin), and the
-    eager step beside it. Every context is prefilled first, then all are timed in turns: `rounds`
-    rounds of `steps` generation steps each (the state moves on, as it does when generating), the
-    median over all of them. Eager decoding is host-bound, and the host's speed drifts within a
-    run: timed one context after the other, the last (32K) once read 62.6 ms against 39.1-41.9
-    for the others, and 39.7 in a rerun (benchmarks/README.md). In turns, every context sees the
-    same drift."""
+    """Per-token latency of generation after a prefill of each context, three ways: each step
+    replayed from a CUDA graph (`StaticDecoder`, as `generate` runs on a GPU), the same with the
+    step compiled under the graph (GPU only; its compile time once, `compile_s`), and the eager
+    step; the fastest is the headline. On a CPU the decoder runs its eager twin. Every context is
+    prefilled first, then all are timed in turns: `rounds` rounds of `steps` generation steps each
+    (the state moves on, as it does when generating), the median over all of them. Eager decoding
+    is host-bound, and the host's speed drifts within a run: timed one context after the other,
+    the last (32K) once read 62.6 ms against 39.1-41.9 for the others, and 39.7 in a rerun
+    (benchmarks/README.md). In turns, every context sees the same drift."""
+    import time
     cfg = load_config(preset, overrides)
     model = AtlasLM(cfg.model).to(device).eval()
-    boxes = {}
-    times = {(ctx, way): [] for ctx in contexts for way in ("graphs", "eager")}
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    cuda = device.type == "cuda"
+    ways = ("graphs", "compiled_graphs", "eager") if cuda else ("graphs", "eager")
+    boxes, compile_s = {}, None
+    times = {(ctx, way): [] for ctx in contexts for way in ways}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
         for ctx in contexts:
             idx = torch.randint(0, cfg.model.vocab_size, (1, ctx), device=device)
             state = None  # prefill in pieces: the memory absorbs the context, attention keeps its window
             for piece in idx.split(4096, dim=1):
                 _, state = model(piece, state)
-            boxes[ctx] = {"state": state, "tok": idx[:, -1:],
-                          "decoder": StaticDecoder(model, state, graphs=device.type == "cuda")}
+            box = boxes[ctx] = {"eager": state, "tok": idx[:, -1:], "graphs": StaticDecoder(model, state, graphs=cuda)}
+            if cuda:
+                t0 = time.perf_counter()
+                box["compiled_graphs"] = StaticDecoder(model, state, graphs=True, compile=True)
+                compile_s = compile_s or time.perf_counter() - t0  # the first compiles, the others reuse it
         for r in range(rounds):
             for ctx, box in boxes.items():
                 def eager(box=box):  # one generation step of this context's sequence
-                    _, box["state"] = model(box["tok"], box["state"])
-
-                def graphs(box=box):  # the same from its own copy of the state, replayed
-                    box["decoder"].step(box["tok"])
-                for way, fn in (("graphs", graphs), ("eager", eager)):
-                    times[ctx, way] += times_ms(fn, warmup=3 if r == 0 else 1, reps=steps)
-    rows = [{"context": ctx, "ms_per_token": statistics.median(times[ctx, "graphs"]),
-             "eager_ms_per_token": statistics.median(times[ctx, "eager"]), "steps": len(times[ctx, "graphs"]),
-             "mode": "graphs" if device.type == "cuda" else "eager twin"} for ctx in contexts]
-    for row in rows:
-        print(f"decode: context {row['context']}: {row['ms_per_token']:.2f} ms/token "
-              f"({row['mode']}; eager {row['eager_ms_per_token']:.2f})", flush=True)
+                    _, box["eager"] = model(box["tok"], box["eager"])
+                # each way steps its own copy of the state
+                step = {w: eager if w == "eager" else (lambda d=box[w], t=box["tok"]: d.step(t)) for w in ways}
+                for way in ways:
+                    times[ctx, way] += times_ms(step[way], warmup=3 if r == 0 else 1, reps=steps)
+    rows = []
+    for ctx in contexts:
+        row = {"context": ctx, **{f"{w}_ms_per_token": statistics.median(times[ctx, w]) for w in ways},
+               "steps": len(times[ctx, ways[0]])}
+        row["mode"] = min(ways, key=lambda w: row[f"{w}_ms_per_token"]) if cuda else "eager twin"
+        row["ms_per_token"] = row[f"{row['mode']}_ms_per_token"] if cuda else row["graphs_ms_per_token"]
+        if compile_s is not None:
+            row["compile_s"] = compile_s
+        rows.append(row)
+        print(f"decode: context {ctx}: {row['ms_per_token']:.2f} ms/token ({row['mode']}; "
+              + ", ".join(f"{w} {row[f'{w}_ms_per_token']:.2f}" for w in ways) + ")", flush=True)
     return rows
 
 
@@ -401,9 +412,10 @@ def table(r: dict) -> str:
                      + ", ".join(f"T={s['T']}: {s['us_per_token']:.2f}" for s in r["scaling_fixed_tokens"]))
     if r.get("decode"):
         lines.append("decode (ms/token): " + ", ".join(f"{d['context']}: {d['ms_per_token']:.2f}" for d in r["decode"]))
-        if "eager_ms_per_token" in r["decode"][0]:
-            lines.append("decode, eager steps (ms/token): "
-                         + ", ".join(f"{d['context']}: {d['eager_ms_per_token']:.2f}" for d in r["decode"]))
+        for way in ("graphs", "compiled_graphs", "eager"):
+            if f"{way}_ms_per_token" in r["decode"][0]:
+                lines.append(f"decode, {way} (ms/token): "
+                             + ", ".join(f"{d['context']}: {d[f'{way}_ms_per_token']:.2f}" for d in r["decode"]))
     return "\n".join(lines)
 
 

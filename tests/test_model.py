@@ -222,3 +222,16 @@ def test_generate_with_graphs_samples_what_eager_does():
     prompt = torch.randint(0, 97, (9,)).tolist()
     eager = generate(m, prompt, 40, temperature=0, graphs=False)
     assert generate(m, prompt, 40, temperature=0, graphs=True) == eager
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_static_decoder_compiled_under_the_graph():
+    """compile=True: the step through torch.compile, then captured; float32, so fusion only reorders sums."""
+    m = make("model.attn_window=5", "model.memory.impl=triton", "model.memory.rule=muon", dtype=torch.float32).cuda()
+    idx = torch.randint(0, 97, (2, 20), device="cuda")
+    with torch.no_grad():
+        _, state = m(idx[:, :9])
+        dec = StaticDecoder(m, state, graphs=True, compile=True)
+        for t in range(9, idx.shape[1]):
+            want, state = m(idx[:, t:t + 1], state)
+            torch.testing.assert_close(dec.step(idx[:, t:t + 1]), want, rtol=1e-4, atol=1e-4)

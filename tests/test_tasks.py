@@ -255,6 +255,7 @@ def test_eval_cli_on_a_tiny_run(tmp_path, capsys):
     first = capsys.readouterr()
     assert first.out.startswith("ROMEO:") and "ms a token" in first.err
     assert main(greedy) == 0 and capsys.readouterr().out == first.out  # greedy: the same text again
+    assert main(greedy + ["--compile"]) == 0 and capsys.readouterr().out == first.out  # a GPU's option; eager here
     for argv in (greedy[:2] + ["--tokens", "0"], ["sample", str(tmp_path / "nope")]):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()

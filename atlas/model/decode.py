@@ -56,14 +56,18 @@ def _copy_memory(dst: MemoryState, src: MemoryState) -> None:
 
 class StaticDecoder:
     """`model` stepped one token at a time from `state` (a prefill's), the state in buffers that
-    each step overwrites; graphs=True (CUDA) replays each step from one CUDA graph."""
+    each step overwrites; graphs=True (CUDA) replays each step from one CUDA graph. compile=True
+    runs the step through torch.compile first, fusing its small ops (on an H100 the 300M model's
+    step took 2.85 ms a token against 5.47 after a ~35 s compile, benchmarks/README.md; one
+    compile serves every decoder of the model)."""
 
     @torch.no_grad()
-    def __init__(self, model, state: list[BlockState], graphs: bool):
+    def __init__(self, model, state: list[BlockState], graphs: bool, compile: bool = False):
         why = unsupported(model, state)
         if why:
             raise ValueError(f"StaticDecoder: {why}; decode eagerly (model(token, state)) instead")
         self.model, self.graph = model, None
+        self.forward = torch.compile(model, dynamic=False) if compile else model
         device = state[0].attn.k.device
         self.tok = torch.zeros(state[0].attn.k.shape[0], 1, dtype=torch.long, device=device)  # (B, 1)
         self.state, self.n_open = [], 0
@@ -88,7 +92,7 @@ class StaticDecoder:
 
     def _run(self) -> None:
         """The model's one-token forward on the buffers, its new state written back into them."""
-        self.logits, new = self.model(self.tok, self.state)  # (B, 1, V)
+        self.logits, new = self.forward(self.tok, self.state)  # (B, 1, V)
         for s, n in zip(self.state, new):
             s.attn.k.copy_(n.attn.k)
             s.attn.v.copy_(n.attn.v)
@@ -108,7 +112,7 @@ class StaticDecoder:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), ctx:  # warm-up (Triton's autotuning, cuBLAS's workspaces): reads the state only
             for _ in range(2):
-                self.model(self.tok, self.state)
+                self.forward(self.tok, self.state)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), ctx:

@@ -11,12 +11,13 @@ MIN_GRAPH_TOKENS = 16  # fewer tokens left than this: a capture would cost more 
 @torch.no_grad()
 def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8,
              top_k: int | None = 50, generator: torch.Generator | None = None,
-             graphs: bool | None = None) -> list[int]:
+             graphs: bool | None = None, compile: bool = False) -> list[int]:
     """Sample continuation ids. The memory and attention caches carry across steps, so a new
     token's cost does not grow with the context (with sliding-window attention): the memory takes
     one O(1) step of the function the model was trained as (atlas/memory/step.py).
     graphs: once the attention window's cache is full, replay each step from a CUDA graph
-    (decode.StaticDecoder: the same function, one launch a token); None: on a GPU."""
+    (decode.StaticDecoder: the same function, one launch a token); None: on a GPU. compile: the
+    graph's step through torch.compile (half a minute once, then about half the time a token)."""
     device = next(model.parameters()).device
     graphs = device.type == "cuda" if graphs is None else graphs
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
@@ -35,7 +36,7 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
             nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)  # (1, 1)
         out.append(int(nxt))
         if graphs and decoder is None and max_new_tokens - i >= MIN_GRAPH_TOKENS and unsupported(model, state) is None:
-            decoder = StaticDecoder(model, state, graphs=True)
+            decoder = StaticDecoder(model, state, graphs=True, compile=compile)
         if decoder is not None:
             logits = decoder.step(nxt)
         else:

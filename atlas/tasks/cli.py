@@ -127,7 +127,7 @@ def cmd_sample(args) -> None:
     t0 = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):  # as trained
         out = generate(model, ids, args.tokens, temperature=args.temperature, top_k=args.top_k,
-                       generator=torch.Generator().manual_seed(args.seed))
+                       generator=torch.Generator().manual_seed(args.seed), compile=args.compile)
     dt = time.perf_counter() - t0
     print(tok.decode(ids + out))
     print(f"{len(out)} tokens after a {len(ids)}-token prompt in {dt:.2f} s ({1e3 * dt / len(out):.1f} ms a token, "
@@ -144,6 +144,9 @@ def add_inference_commands(sub) -> None:
     sm.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest (default 50)")
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    sm.add_argument("--compile", action="store_true",
+                    help="on a GPU, torch.compile the decoding step under its CUDA graph: ~35 s once for the "
+                         "300M model, then about half the time a token (for long generations)")
     sm.set_defaults(fn=cmd_sample)
 
     ev = sub.add_parser("eval", help="retrieval evaluations of a checkpoint (mqar, passkey)")
