@@ -177,7 +177,7 @@ def test_compile_blocks_keeps_numbers_and_keys():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("overrides", [v for v in VARIANTS if "model.attn_window=null" not in v])
+@pytest.mark.parametrize("overrides", [[o for o in v if o != "model.attn_window=null"] for v in VARIANTS])
 def test_static_decoder_steps_as_the_model_does(overrides):
     """StaticDecoder (its eager twin here; the CUDA graph in test_static_decoder_graph_on_gpu) gives
     the logits of model(token, state) step after step, across chunk boundaries (chunk 4), from
@@ -199,6 +199,10 @@ def test_static_decoder_refuses_what_it_cannot_hold():
     m = make("model.attn_window=null")
     with pytest.raises(ValueError, match="no sliding window"):
         StaticDecoder(m, m(torch.randint(0, 97, (1, 6)))[1], graphs=False)
+    if not torch.cuda.is_available():
+        m = make("model.attn_window=5")
+        with pytest.raises(ValueError, match="need a CUDA device"):
+            StaticDecoder(m, m(torch.randint(0, 97, (1, 6)))[1], graphs=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

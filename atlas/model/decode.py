@@ -58,17 +58,20 @@ class StaticDecoder:
     """`model` stepped one token at a time from `state` (a prefill's), the state in buffers that
     each step overwrites; graphs=True (CUDA) replays each step from one CUDA graph. compile=True
     runs the step through torch.compile first, fusing its small ops (on an H100 the 300M model's
-    step took 2.85 ms a token against 5.47 after a ~35 s compile, benchmarks/README.md; one
-    compile serves every decoder of the model)."""
+    step took 2.85 ms a token against 5.4 after a 36 s compile, benchmarks/README.md; one compile
+    serves every decoder of the model)."""
 
     @torch.no_grad()
     def __init__(self, model, state: list[BlockState], graphs: bool, compile: bool = False):
         why = unsupported(model, state)
         if why:
             raise ValueError(f"StaticDecoder: {why}; decode eagerly (model(token, state)) instead")
-        self.model, self.graph = model, None
-        self.forward = torch.compile(model, dynamic=False) if compile else model
         device = state[0].attn.k.device
+        if graphs and device.type != "cuda":
+            raise ValueError(f"StaticDecoder: CUDA graphs need a CUDA device, and the state is on {device}; "
+                             "pass graphs=False")
+        self.graph = None
+        self.forward = torch.compile(model, dynamic=False) if compile else model
         self.tok = torch.zeros(state[0].attn.k.shape[0], 1, dtype=torch.long, device=device)  # (B, 1)
         self.state, self.n_open = [], 0
         self.muon = []  # per memory layer: is its rule Muon (empty: the model has no memory)
