@@ -177,27 +177,27 @@ def test_compile_blocks_keeps_numbers_and_keys():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("overrides", [[o for o in v if o != "model.attn_window=null"] for v in VARIANTS])
+@pytest.mark.parametrize("overrides", [["model.attn_window=5"] + v for v in VARIANTS])  # the third: full attention
 def test_static_decoder_steps_as_the_model_does(overrides):
     """StaticDecoder (its eager twin here; the CUDA graph in test_static_decoder_graph_on_gpu) gives
     the logits of model(token, state) step after step, across chunk boundaries (chunk 4), from
-    prompts ending mid-chunk and on a boundary."""
-    m = make("model.attn_window=5", *overrides)
+    prompts ending mid-chunk, on a boundary, and shorter than the attention window (its cache
+    padded), and stops at the steps it was made for."""
+    m = make(*overrides)
     idx = torch.randint(0, 97, (2, 23))
-    for prompt in (9, 8):
+    for prompt in (9, 8, 2):
         _, state = m(idx[:, :prompt])
-        dec = StaticDecoder(m, state, graphs=False)
+        dec = StaticDecoder(m, state, graphs=False, steps=idx.shape[1] - prompt)
         for t in range(prompt, idx.shape[1]):
             want, state = m(idx[:, t:t + 1], state)
             torch.testing.assert_close(dec.step(idx[:, t:t + 1]), want, rtol=1e-12, atol=1e-12)
+        with pytest.raises(ValueError, match="made for fewer steps"):
+            dec.step(idx[:, :1])
 
 
 def test_static_decoder_refuses_what_it_cannot_hold():
-    m = make("model.attn_window=5")
-    with pytest.raises(ValueError, match="holds 2 of its window's 4 keys"):
-        StaticDecoder(m, m(torch.randint(0, 97, (1, 2)))[1], graphs=False)
     m = make("model.attn_window=null")
-    with pytest.raises(ValueError, match="no sliding window"):
+    with pytest.raises(ValueError, match="no sliding window.*steps="):
         StaticDecoder(m, m(torch.randint(0, 97, (1, 6)))[1], graphs=False)
     if not torch.cuda.is_available():
         m = make("model.attn_window=5")
@@ -213,17 +213,18 @@ def test_static_decoder_graph_on_gpu(impl):
              "model.memory.max_norm=0.02", dtype=torch.float32).cuda()
     idx = torch.randint(0, 97, (2, 30), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
-        _, state = m(idx[:, :9])
+        _, state = m(idx[:, :3])  # shorter than the window: the cache starts padded
         dec = StaticDecoder(m, state, graphs=True)
-        for t in range(9, idx.shape[1]):
+        for t in range(3, idx.shape[1]):
             want, state = m(idx[:, t:t + 1], state)
             torch.testing.assert_close(dec.step(idx[:, t:t + 1]), want, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_generate_with_graphs_samples_what_eager_does():
-    m = make("model.attn_window=5", "model.memory.impl=triton", dtype=torch.float32).cuda()
-    prompt = torch.randint(0, 97, (9,)).tolist()
+@pytest.mark.parametrize("window", ["5", "null"])
+def test_generate_with_graphs_samples_what_eager_does(window):
+    m = make(f"model.attn_window={window}", "model.memory.impl=triton", dtype=torch.float32).cuda()
+    prompt = torch.randint(0, 97, (3,)).tolist()
     eager = generate(m, prompt, 40, temperature=0, graphs=False)
     assert generate(m, prompt, 40, temperature=0, graphs=True) == eager
 

@@ -13,6 +13,9 @@ class KVCache:
     k: torch.Tensor  # (B, H, L, D), rotated
     v: torch.Tensor  # (B, H, L, D)
     pos: int | torch.Tensor  # absolute position of the next token (a 0-dim tensor in a CUDA-graph decoder)
+    # a CUDA-graph decoder's cache of fixed length (decode.StaticDecoder): which rows hold keys (L,);
+    # the rest are padding, masked out, until the steps fill them
+    valid: torch.Tensor | None = None
 
 
 def rope(xs: tuple[torch.Tensor, ...], pos0: int | torch.Tensor, theta: float) -> tuple[torch.Tensor, ...]:
@@ -52,6 +55,12 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)  # (B, H, L+T, D)
         L = k.shape[2]
+        if cache is not None and cache.valid is not None:  # a fixed-length cache: one token a call
+            if T != 1:
+                raise ValueError(f"a fixed-length (CUDA-graph decoder's) attention cache takes one token a call, not {T}")
+            valid = torch.cat([cache.valid, cache.valid.new_ones(T)])  # (L,): its length is within the window
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[None, :])  # (T=1, L)
+            return self.w_out(y.transpose(1, 2).reshape(B, T, C)), KVCache(k[:, :, T:], v[:, :, T:], pos0 + T, valid[T:])
         if cache is None and (window is None or window >= T):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
         elif T == 1 and (window is None or L <= window):  # decoding: every cached key is visible

@@ -6,8 +6,10 @@ runs the model's own one-token forward on a state whose tensors sit in fixed buf
 step's new state back into them, and on a GPU captures all of that once in a CUDA graph: a step
 is then one replay. The function is the model's, unchanged; only where the state lives differs:
 
-  * attention: the sliding window's cache is full (window - 1 keys), so its shape stops changing;
-    the position is a 0-dim tensor on the device (rope reads it there);
+  * attention: the cache has a fixed length -- the sliding window's window - 1 keys, or with full
+    attention the prefill's keys plus the steps the decoder is made for -- padded at the front
+    with rows masked out until the steps fill them (KVCache.valid); the position is a 0-dim
+    tensor on the device (rope reads it there);
   * memory: every token of a chunk runs the same step (step.py) against the chunk-start memory
     and the running M; only which buffers those are changes where a chunk opens, which the host
     knows by counting tokens. There the decoder copies the memory into them (outside the graph)
@@ -30,19 +32,26 @@ from .attention import KVCache
 from .block import BlockState
 
 
-def unsupported(model, state: list[BlockState]) -> str | None:
-    """Why `state` cannot be stepped by a StaticDecoder yet (None: it can)."""
-    for i, (block, s) in enumerate(zip(model.blocks, state)):
-        w = block.attn.window
-        if w is None:
-            return "attention has no sliding window (model.attn_window), so its cache grows every token"
-        if s.attn.k.shape[2] != w - 1:
-            return f"layer {i}: the attention cache holds {s.attn.k.shape[2]} of its window's {w - 1} keys"
+def unsupported(model, steps: int | None = None) -> str | None:
+    """Why `model` cannot be stepped by a StaticDecoder made for `steps` steps (None: it can)."""
+    for block in model.blocks:
+        if block.attn.window is None and steps is None:
+            return ("attention has no sliding window (model.attn_window), so its cache grows with every token: "
+                    "give the most tokens the decoder will step (steps=)")
         if block.has_memory and block.memory_off:
             return "the memory ablation is on"
         if block.has_memory and block.memory.chunk_size < 2:
             return "memory chunks of one token close at every step"
     return None
+
+
+def _fixed_cache(kv: KVCache, rows: int) -> KVCache:
+    """kv's keys and values at the end of `rows` rows, the padding before them masked out."""
+    B, H, n, D = kv.k.shape
+    pad = kv.k.new_zeros(B, H, rows - n, D)
+    valid = torch.arange(rows, device=kv.k.device) >= rows - n  # (rows,)
+    pos = torch.as_tensor(kv.pos, device=kv.k.device).clone()
+    return KVCache(torch.cat([pad, kv.k], dim=2), torch.cat([pad.to(kv.v.dtype), kv.v], dim=2), pos, valid)
 
 
 def _clone_memory(m: MemoryState) -> MemoryState:
@@ -62,8 +71,11 @@ class StaticDecoder:
     serves every decoder of the model)."""
 
     @torch.no_grad()
-    def __init__(self, model, state: list[BlockState], graphs: bool, compile: bool = False):
-        why = unsupported(model, state)
+    def __init__(self, model, state: list[BlockState], graphs: bool, compile: bool = False,
+                 steps: int | None = None):
+        """steps: the most tokens it will step (needed with full attention, whose cache keeps every
+        token; with a sliding window the cache keeps window - 1 and any number of steps can follow)."""
+        why = unsupported(model, steps)
         if why:
             raise ValueError(f"StaticDecoder: {why}; decode eagerly (model(token, state)) instead")
         device = state[0].attn.k.device
@@ -73,10 +85,11 @@ class StaticDecoder:
         self.graph = None
         self.forward = torch.compile(model, dynamic=False) if compile else model
         self.tok = torch.zeros(state[0].attn.k.shape[0], 1, dtype=torch.long, device=device)  # (B, 1)
-        self.state, self.n_open = [], 0
+        self.state, self.n_open, self.steps_left = [], 0, steps
         self.muon = []  # per memory layer: is its rule Muon (empty: the model has no memory)
         for block, s in zip(model.blocks, state):
-            kv = KVCache(s.attn.k.clone(), s.attn.v.clone(), torch.as_tensor(s.attn.pos, device=device).clone())
+            w = block.attn.window
+            kv = _fixed_cache(s.attn, w - 1 if w is not None else s.attn.k.shape[2] + steps)
             mem = None
             if s.memory is not None:
                 m = s.memory
@@ -100,6 +113,7 @@ class StaticDecoder:
             s.attn.k.copy_(n.attn.k)
             s.attn.v.copy_(n.attn.v)
             s.attn.pos.copy_(n.attn.pos)
+            s.attn.valid.copy_(n.attn.valid)
             if s.memory is not None:
                 _copy_memory(s.memory.memory, n.memory.memory)
                 if s.memory.conv is not None:
@@ -136,6 +150,10 @@ class StaticDecoder:
     def step(self, tok: torch.Tensor) -> torch.Tensor:
         """tok (B, 1) ids -> logits (B, 1, V) of the next token. The logits live in a buffer the
         next step overwrites: read or copy them first."""
+        if self.steps_left is not None:
+            if self.steps_left == 0:
+                raise ValueError("StaticDecoder: made for fewer steps than asked of it; make it with a larger steps=")
+            self.steps_left -= 1
         if self.muon and self.n_open == 0:
             self._open_chunk()
         self.tok.copy_(tok)

@@ -15,15 +15,18 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
     """Sample continuation ids. The memory and attention caches carry across steps, so a new
     token's cost does not grow with the context (with sliding-window attention): the memory takes
     one O(1) step of the function the model was trained as (atlas/memory/step.py).
-    graphs: once the attention window's cache is full, replay each step from a CUDA graph
-    (decode.StaticDecoder: the same function, one launch a token); None: on a GPU. compile: the
+    graphs: replay each step from a CUDA graph (decode.StaticDecoder: the same function, one
+    launch a token); None: on a GPU. compile: the
     graph's step through torch.compile (half a minute once, then about half the time a token)."""
     device = next(model.parameters()).device
     graphs = device.type == "cuda" if graphs is None else graphs
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     logits, state = model(idx)
-    out, decoder = [], None
-    for i in range(max_new_tokens):
+    decoder = None
+    if graphs and max_new_tokens >= MIN_GRAPH_TOKENS and unsupported(model, max_new_tokens) is None:
+        decoder = StaticDecoder(model, state, graphs=True, compile=compile, steps=max_new_tokens)
+    out = []
+    for _ in range(max_new_tokens):
         last = logits[:, -1].float()  # (1, V)
         if temperature <= 0:
             nxt = last.argmax(-1, keepdim=True)
@@ -35,8 +38,6 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
             probs = torch.softmax(last, -1)
             nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)  # (1, 1)
         out.append(int(nxt))
-        if graphs and decoder is None and max_new_tokens - i >= MIN_GRAPH_TOKENS and unsupported(model, state) is None:
-            decoder = StaticDecoder(model, state, graphs=True, compile=compile)
         if decoder is not None:
             logits = decoder.step(nxt)
         else:
