@@ -1,7 +1,7 @@
 """Decoding one token a step from a CUDA graph.
 
-Eager decoding is host-bound: ~300 PyTorch ops a layer a token, each a Python call and a kernel
-launch (~45 ms a token for the 300M model on an H100, benchmarks/README.md). `StaticDecoder`
+Eager decoding is host-bound: every PyTorch op of a step is a Python call and a kernel launch
+(~40 ms a token for the 300M model on an H100, benchmarks/README.md). `StaticDecoder`
 runs the model's own one-token forward on a state whose tensors sit in fixed buffers, writes the
 step's new state back into them, and on a GPU captures all of that once in a CUDA graph: a step
 is then one replay. The function is the model's, unchanged; only where the state lives differs:

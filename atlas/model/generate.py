@@ -5,7 +5,7 @@ import torch
 
 from .decode import StaticDecoder, unsupported
 
-MIN_GRAPH_TOKENS = 16  # fewer tokens left than this: a capture would cost more than it saves
+MIN_GRAPH_TOKENS = 16  # fewer tokens to generate than this: a capture would cost more than it saves
 
 
 @torch.no_grad()
@@ -16,8 +16,8 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
     token's cost does not grow with the context (with sliding-window attention): the memory takes
     one O(1) step of the function the model was trained as (atlas/memory/step.py).
     graphs: replay each step from a CUDA graph (decode.StaticDecoder: the same function, one
-    launch a token); None: on a GPU. compile: the
-    graph's step through torch.compile (half a minute once, then about half the time a token)."""
+    launch a token); None: on a GPU. compile: the graph's step through torch.compile (half a
+    minute once, then about half the time a token)."""
     device = next(model.parameters()).device
     graphs = device.type == "cuda" if graphs is None else graphs
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
