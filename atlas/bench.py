@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import timing
 from .config import load_config
 from .errors import UserError
 from .memory.layer import MemoryLayer
 from .model import AtlasLM
 from .model.decode import StaticDecoder
-from . import timing
 from .timing import captured, fresh, fwd_bwd, time_modes, timed, times_ms
 from .train.flops import flops_per_token, peak_flops
 
