@@ -54,26 +54,28 @@ def build_step(overrides: list[str], B: int, T: int, device):
 
 
 def kernels(step, iters: int = 3, top: int = 40) -> dict:
-    """Device ms per step: by kernel, by group, and by the operator that launched them (`ops`:
-    which eager op a library kernel such as a reduction or a fill came from, with its shapes)."""
+    """Device ms per step: in all, by kernel, by group, and by the operator that launched them
+    (`ops`: which eager op a library kernel such as a reduction or a fill came from, with its
+    shapes); and kernels launched per step."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(iters):
             step()
         torch.cuda.synchronize()
-    per = defaultdict(float)
+    per, launches = defaultdict(float), 0
     # ranges ("Optimizer.step#AdamW.step", "## Call CompiledFxGraph ...") show up on the GPU's
     # timeline too, spanning kernels that are counted on their own
     ranges = {e.name for e in prof.events() if getattr(e, "is_user_annotation", False)}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("## ") and e.name not in ranges:
             per[e.name] += e.device_time / 1e3 / iters
+            launches += 1
     groups = defaultdict(float)
     for name, ms in per.items():
         groups[group(name)] += ms
     slowest = sorted(per.items(), key=lambda kv: -kv[1])[:top]
     ops = op_table(prof, iters)
-    return {"kernels_ms": sum(per.values()), "groups_ms": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
+    return {"kernels_ms": sum(per.values()), "launches": launches / iters, "groups_ms": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
             "top": [{"kernel": k[:100], "ms": ms} for k, ms in slowest], "ops": ops[:top]}
 
 
