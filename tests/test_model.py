@@ -5,7 +5,7 @@ import torch
 from atlas.config import load_config
 from atlas.memory.stats import STAT_NAMES, memory_stats
 from atlas.model import AtlasLM
-from atlas.model.decode import StaticDecoder
+from atlas.model.decode import StaticDecoder, _cast_linears
 from atlas.model.generate import generate
 from atlas.model.params import count_by_component
 
@@ -240,3 +240,20 @@ def test_static_decoder_compiled_under_the_graph():
         for t in range(9, idx.shape[1]):
             want, state = m(idx[:, t:t + 1], state)
             torch.testing.assert_close(dec.step(idx[:, t:t + 1]), want, rtol=1e-4, atol=1e-4)
+
+
+def test_static_decoder_under_autocast_casts_the_linears_once():
+    """Under autocast the decoder steps with bf16 copies of the linear weights made once (a graph
+    cannot keep autocast's cache): the same logits as the eager step, bit for bit; the head tied to
+    the embedding is left to autocast."""
+    m = make("model.attn_window=5", dtype=torch.float32)
+    casts = _cast_linears(m, torch.bfloat16)
+    assert "blocks.0.attn.w_qkv.weight" in casts and "blocks.0.memory.w_gates.bias" in casts
+    assert "head.weight" not in casts and all(t.dtype == torch.bfloat16 for t in casts.values())
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, state = m(idx[:, :7])
+        dec = StaticDecoder(m, state, graphs=False)
+        for t in range(7, idx.shape[1]):
+            want, state = m(idx[:, t:t + 1], state)
+            torch.testing.assert_close(dec.step(idx[:, t:t + 1]), want, rtol=0, atol=0)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn as nn
 
 from ..memory.layer import MemoryLayerState
 from ..memory.state import MemoryState, newton_schulz5
@@ -52,6 +53,16 @@ def _fixed_cache(kv: KVCache, rows: int) -> KVCache:
     valid = torch.arange(rows, device=kv.k.device) >= rows - n  # (rows,)
     pos = torch.as_tensor(kv.pos, device=kv.k.device).clone()
     return KVCache(torch.cat([pad, kv.k], dim=2), torch.cat([pad.to(kv.v.dtype), kv.v], dim=2), pos, valid)
+
+
+def _cast_linears(model, dtype) -> dict[str, torch.Tensor]:
+    """`dtype` copies of the nn.Linear weights and biases that autocast casts at every call: a
+    graph cannot keep autocast's cache of them, and the casts were a third of the compiled step's
+    kernel time (benchmarks/results/profile_decode_h100.json). A parameter that another kind of
+    module shares (a head tied to the embedding) stays as it is, and so is cast as before."""
+    shared = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+    return {f"{name}.{pn}": p.detach().to(dtype) for name, m in model.named_modules() if isinstance(m, nn.Linear)
+            for pn, p in m.named_parameters(recurse=False) if id(p) not in shared and p.dtype != dtype}
 
 
 def _clone_memory(m: MemoryState) -> MemoryState:
@@ -83,7 +94,14 @@ class StaticDecoder:
             raise ValueError(f"StaticDecoder: CUDA graphs need a CUDA device, and the state is on {device}; "
                              "pass graphs=False")
         self.graph = None
-        self.forward = torch.compile(model, dynamic=False) if compile else model
+        # under autocast, the model with its linear layers' weights cast once (their copies cost
+        # 2 bytes a parameter): the same numbers autocast computes, without a cast a step
+        amp = torch.is_autocast_enabled(device.type)
+        weights = _cast_linears(model, torch.get_autocast_dtype(device.type)) if amp else {}
+
+        def forward(tok, state):
+            return torch.func.functional_call(model, weights, (tok, state)) if weights else model(tok, state)
+        self.forward = torch.compile(forward, dynamic=False) if compile else forward
         self.tok = torch.zeros(state[0].attn.k.shape[0], 1, dtype=torch.long, device=device)  # (B, 1)
         self.state, self.n_open, self.steps_left = [], 0, steps
         self.muon = []  # per memory layer: is its rule Muon (empty: the model has no memory)
