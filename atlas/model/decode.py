@@ -78,7 +78,7 @@ class StaticDecoder:
     """`model` stepped one token at a time from `state` (a prefill's), the state in buffers that
     each step overwrites; graphs=True (CUDA) replays each step from one CUDA graph. compile=True
     runs the step through torch.compile first, fusing its small ops (on an H100 the 300M model's
-    step took 2.9 ms a token against 5.5 after a 36 s compile, benchmarks/README.md; one compile
+    step took 2.2 ms a token against 4.9, after a compile of 12-37 s, benchmarks/README.md; one compile
     serves every decoder of the model)."""
 
     @torch.no_grad()
