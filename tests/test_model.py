@@ -257,3 +257,11 @@ def test_static_decoder_under_autocast_casts_the_linears_once():
         for t in range(7, idx.shape[1]):
             want, state = m(idx[:, t:t + 1], state)
             torch.testing.assert_close(dec.step(idx[:, t:t + 1]), want, rtol=0, atol=0)
+
+
+def test_generate_reports_where_its_time_went():
+    m = make("model.attn_window=5", dtype=torch.float32)
+    times = {}
+    out = generate(m, [1, 2, 3], 20, temperature=0, times=times)
+    assert len(out) == 20 and times["steps"] == "eager"  # a CPU: no graphs
+    assert all(times[k] >= 0 for k in ("prompt_s", "setup_s", "steps_s"))

@@ -108,8 +108,6 @@ def cmd_eval_passkey(args) -> None:
 
 def cmd_sample(args) -> None:
     """Generate from a checkpoint: the prompt is read once, then one O(1) step a token."""
-    import time
-
     import torch
 
     from ..data import Tokenizer
@@ -124,14 +122,16 @@ def cmd_sample(args) -> None:
     if not ids:
         raise UserError("atlas sample: the prompt encodes to no tokens; pass some text with --prompt")
     device = next(model.parameters()).device
-    t0 = time.perf_counter()
+    times = {}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):  # as trained
         out = generate(model, ids, args.tokens, temperature=args.temperature, top_k=args.top_k,
-                       generator=torch.Generator().manual_seed(args.seed), compile=args.compile)
-    dt = time.perf_counter() - t0
+                       generator=torch.Generator().manual_seed(args.seed), compile=args.compile, times=times)
     print(tok.decode(ids + out))
-    print(f"{len(out)} tokens after a {len(ids)}-token prompt in {dt:.2f} s ({1e3 * dt / len(out):.1f} ms a token, "
-          f"prompt included); step {step}, {ckpt.name} of {ckpt.parent.parent}", file=sys.stderr)
+    setup = f", {times['setup_s']:.2f} s to capture{' and compile' if args.compile else ''} the step" \
+        if times["steps"] == "graphs" else ""
+    print(f"{len(out)} tokens after a {len(ids)}-token prompt: prompt {times['prompt_s']:.2f} s{setup}, then "
+          f"{1e3 * times['steps_s'] / len(out):.1f} ms a token ({times['steps']}); step {step}, {ckpt.name} of "
+          f"{ckpt.parent.parent}", file=sys.stderr)
 
 
 def add_inference_commands(sub) -> None:
