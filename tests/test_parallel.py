@@ -6,7 +6,8 @@ import sys
 from atlas.cli import main
 from test_train import SMALL
 
-RUN = SMALL + ["train.max_steps=3", "train.log_every=1", "train.seed=3", "train.checkpoint_every=3"]
+# on CPUs (gloo) wherever it runs: a one-GPU machine has no GPU for the second rank
+RUN = SMALL + ["train.max_steps=3", "train.log_every=1", "train.seed=3", "train.checkpoint_every=3", "train.device=cpu"]
 
 
 def losses(run):
@@ -25,3 +26,19 @@ def test_two_ranks_match_one_process_with_the_global_batch(tmp_path):
     assert len(a) == len(b) == 3
     assert all(abs(x - y) < 1e-5 * abs(x) for x, y in zip(a, b)), (a, b)  # same batches; sums in another order
     assert (two / "checkpoints" / "checkpoint_3" / "COMPLETE").is_file()
+
+
+def test_more_ranks_than_gpus_is_one_clear_line(monkeypatch):
+    import pytest
+    import torch
+
+    from atlas.config import load_config
+    from atlas.errors import UserError
+    from atlas.train.loop import pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserError, match=r"no GPU of its own \(1 here\).*--nproc_per_node 1.*train.device=cpu"):
+        pick_device(load_config("tiny"))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert pick_device(load_config("tiny")) == torch.device("cuda", 0)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config, phase_at, stage_at, total_steps
+from ..errors import UserError
 from ..memory.stats import gate_drift, memory_stats
 from ..model import AtlasLM, GateMode
 from ..model.generate import generate
@@ -39,7 +40,11 @@ def pick_device(cfg: Config) -> torch.device:
     if cfg.train.device != "auto":
         return torch.device(cfg.train.device)
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        local, n = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if local >= n:  # one GPU a process (NCCL refuses two ranks on one GPU)
+            raise UserError(f"train: process {local} of this machine has no GPU of its own ({n} here); start at most "
+                            f"{n} (torchrun --nproc_per_node {n}), or train on CPUs with train.device=cpu")
+        return torch.device("cuda", local)
     return torch.device("cpu")
 
 
