@@ -376,7 +376,8 @@ def bench_section_model(model_over, best, mB, mT, device, compile_) -> dict:
 
 
 def table(r: dict) -> str:
-    lines = [f"device {r['device']}, {r['dtype']}"]
+    methods = ", ".join(f"{sec} {m}" for sec, m in r.get("timing", {}).items())
+    lines = [f"device {r['device']}, {r['dtype']}" + (f"; timed calls: {methods} (atlas/timing.py)" if methods else "")]
     L = r.get("layer")
     if L:
         lines += [f"memory layer B={L['B']} T={L['T']} H={L['H']} D={L['D']} chunk {L['chunk_size']}, forward+backward:",

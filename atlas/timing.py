@@ -33,10 +33,6 @@ def set_method(name: str) -> None:
     _method = name
 
 
-def method() -> str:
-    return _method
-
-
 def gpu(script: str) -> torch.device:
     """The CUDA device a benchmarks/ script times on; without one, one line and exit 1 (a script
     that times GPU kernels has nothing to say on a CPU)."""

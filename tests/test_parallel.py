@@ -1,9 +1,16 @@
-"""torchrun data parallelism (gloo on CPU): 2 ranks x batch 2 train like 1 process x batch 4."""
+"""torchrun data parallelism (gloo on CPU): 2 ranks x batch 2 train like 1 process x batch 4; a rank
+without a GPU of its own is one clear line."""
 import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from atlas.cli import main
+from atlas.config import load_config
+from atlas.errors import UserError
+from atlas.train.loop import pick_device
 from test_train import SMALL
 
 # on CPUs (gloo) wherever it runs: a one-GPU machine has no GPU for the second rank
@@ -29,12 +36,6 @@ def test_two_ranks_match_one_process_with_the_global_batch(tmp_path):
 
 
 def test_more_ranks_than_gpus_is_one_clear_line(monkeypatch):
-    import pytest
-    import torch
-
-    from atlas.config import load_config
-    from atlas.errors import UserError
-    from atlas.train.loop import pick_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("LOCAL_RANK", "1")
