@@ -78,8 +78,7 @@ class StaticDecoder:
     """`model` stepped one token at a time from `state` (a prefill's), the state in buffers that
     each step overwrites; graphs=True (CUDA) replays each step from one CUDA graph. compile=True
     runs the step through torch.compile first, fusing its small ops (on an H100 the 300M model's
-    step took 2.2 ms a token against 4.9, after a compile of 12-37 s, benchmarks/README.md; one compile
-    serves every decoder of the model)."""
+    step took 2.2 ms a token against 4.9, after a compile of 12-37 s, benchmarks/README.md)."""
 
     @torch.no_grad()
     def __init__(self, model, state: list[BlockState], graphs: bool, compile: bool = False,
