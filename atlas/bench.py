@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -226,15 +227,13 @@ def bench_decode(preset: str, overrides: list[str], contexts: list[int], device,
                  steps: int = 10) -> list[dict]:
     """Per-token latency of generation after a prefill of each context, three ways: each step
     replayed from a CUDA graph (`StaticDecoder`, as `generate` runs on a GPU), the same with the
-    step compiled under the graph (GPU only; `compile_s`: making that context's decoder, its compile
-    and capture), and the eager
-    step; the fastest is the headline. On a CPU the decoder runs its eager twin. Every context is
+    step compiled under the graph (GPU only; `compile_s`: making that context's decoder, its
+    compile and capture), and the eager step; the fastest is the headline. On a CPU the decoder runs its eager twin. Every context is
     prefilled first, then all are timed in turns: `rounds` rounds of `steps` generation steps each
     (the state moves on, as it does when generating), the median over all of them. Eager decoding
     is host-bound, and the host's speed drifts within a run: timed one context after the other,
     the last (32K) once read 62.6 ms against 39.1-41.9 for the others, and 39.7 in a rerun
     (benchmarks/README.md). In turns, every context sees the same drift."""
-    import time
     cfg = load_config(preset, overrides)
     model = AtlasLM(cfg.model).to(device).eval()
     cuda = device.type == "cuda"

@@ -55,13 +55,13 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)  # (B, H, L+T, D)
         L = k.shape[2]
-        if cache is not None and cache.valid is not None:  # a fixed-length cache: one token a call
+        valid = None  # a fixed-length cache's (CUDA-graph decoder's): which of the L keys are real
+        if cache is not None and cache.valid is not None:
             if T != 1:
                 raise ValueError(f"a fixed-length (CUDA-graph decoder's) attention cache takes one token a call, not {T}")
             valid = torch.cat([cache.valid, cache.valid.new_ones(T)])  # (L,): its length is within the window
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[None, :])  # (T=1, L)
-            return self.w_out(y.transpose(1, 2).reshape(B, T, C)), KVCache(k[:, :, T:], v[:, :, T:], pos0 + T, valid[T:])
-        if cache is None and (window is None or window >= T):
+        elif cache is None and (window is None or window >= T):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
         elif T == 1 and (window is None or L <= window):  # decoding: every cached key is visible
             y = F.scaled_dot_product_attention(q, k, v)
@@ -72,6 +72,10 @@ class Attention(nn.Module):
             if window is not None:
                 mask = mask & (i - j < window)  # a token sees itself and window-1 before it
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        keep = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
-        new_cache = KVCache(k=k[:, :, k.shape[2] - keep:], v=v[:, :, v.shape[2] - keep:], pos=pos0 + T)
+        if valid is not None:  # the length stays fixed: the oldest row goes
+            keep = L - T
+        else:
+            keep = L if self.window is None else min(L, self.window - 1)
+        new_cache = KVCache(k=k[:, :, L - keep:], v=v[:, :, L - keep:], pos=pos0 + T,
+                            valid=None if valid is None else valid[L - keep:])
         return self.w_out(y.transpose(1, 2).reshape(B, T, C)), new_cache

@@ -48,11 +48,12 @@ def unsupported(model, steps: int | None = None) -> str | None:
 
 def _fixed_cache(kv: KVCache, rows: int) -> KVCache:
     """kv's keys and values at the end of `rows` rows, the padding before them masked out."""
-    B, H, n, D = kv.k.shape
-    pad = kv.k.new_zeros(B, H, rows - n, D)
+    B, H, n, _ = kv.k.shape
+
+    def padded(x):  # (B, H, n, D) -> (B, H, rows, D)
+        return torch.cat([x.new_zeros(B, H, rows - n, x.shape[-1]), x], dim=2)
     valid = torch.arange(rows, device=kv.k.device) >= rows - n  # (rows,)
-    pos = torch.as_tensor(kv.pos, device=kv.k.device).clone()
-    return KVCache(torch.cat([pad, kv.k], dim=2), torch.cat([pad.to(kv.v.dtype), kv.v], dim=2), pos, valid)
+    return KVCache(padded(kv.k), padded(kv.v), torch.as_tensor(kv.pos, device=kv.k.device).clone(), valid)
 
 
 def _cast_linears(model, dtype) -> dict[str, torch.Tensor]:
@@ -102,8 +103,8 @@ class StaticDecoder:
             return torch.func.functional_call(model, weights, (tok, state)) if weights else model(tok, state)
         self.forward = torch.compile(forward, dynamic=False) if compile else forward
         self.tok = torch.zeros(state[0].attn.k.shape[0], 1, dtype=torch.long, device=device)  # (B, 1)
-        self.state, self.n_open, self.steps_left = [], 0, steps
-        self.muon = []  # per memory layer: is its rule Muon (empty: the model has no memory)
+        self.blocks, self.state, self.steps_left = model.blocks, [], steps
+        self.n_open, self.chunk = 0, None  # tokens in the open chunk, and the chunk size (None: no memory)
         for block, s in zip(model.blocks, state):
             w = block.attn.window
             kv = _fixed_cache(s.attn, w - 1 if w is not None else s.attn.k.shape[2] + steps)
@@ -118,7 +119,6 @@ class StaticDecoder:
                 mem = MemoryLayerState(_clone_memory(m.memory), None if m.conv is None else m.conv.clone(),
                                        start, [], run, 0)
                 self.n_open, self.chunk = (m.open_len if opened else 0), block.memory.chunk_size
-                self.muon.append(block.memory.cfg.rule == "muon")
             self.state.append(BlockState(kv, mem))
         if graphs:
             self._capture()
@@ -155,13 +155,12 @@ class StaticDecoder:
     def _open_chunk(self) -> None:
         """The next token opens a chunk: its start is the memory now, and the running M and momentum
         start from it (NS5 of the momentum under Muon), as MemoryLayer._step opens one."""
-        muon = iter(self.muon)
-        for s in self.state:
+        for block, s in zip(self.blocks, self.state):
             if s.memory is not None:
                 mem = s.memory.memory
                 _copy_memory(s.memory.chunk_start, mem)
                 s.memory.running.M.copy_(mem.M)
-                s.memory.running.S_seen.copy_(newton_schulz5(mem.S) if next(muon) else mem.S)
+                s.memory.running.S_seen.copy_(newton_schulz5(mem.S) if block.memory.cfg.rule == "muon" else mem.S)
 
     @torch.no_grad()
     def step(self, tok: torch.Tensor) -> torch.Tensor:
@@ -171,13 +170,13 @@ class StaticDecoder:
             if self.steps_left == 0:
                 raise ValueError("StaticDecoder: made for fewer steps than asked of it; make it with a larger steps=")
             self.steps_left -= 1
-        if self.muon and self.n_open == 0:
+        if self.chunk is not None and self.n_open == 0:
             self._open_chunk()
         self.tok.copy_(tok)
         if self.graph is not None:
             self.graph.replay()
         else:
             self._run()
-        if self.muon:
+        if self.chunk is not None:
             self.n_open = (self.n_open + 1) % self.chunk  # the chunk closes: the next token opens one
         return self.logits
