@@ -45,6 +45,10 @@ class MemoryConfig:
     theta_init: float = 0.001
     gamma_init: float = 0.95  # Omega weight of each token at init
     dropout: float = 0.0  # dropout on the memory branch's output while training
+    # the seed's memory wrote under torch.no_grad(): its keys, values and gates got no gradient from
+    # the loss, only the read (q) did. True reproduces that (experiments/memory_use); False (the
+    # default) is the Titans outer loop, which learns what to write
+    detach_writes: bool = False
     impl: Literal["reference", "chunked", "triton"] = "chunked"
 
 
@@ -111,6 +115,10 @@ class TrainConfig:
     betas: tuple = (0.9, 0.95)
     grad_clip: float = 1.0
     gate_lr_mult: float = 1.0  # LR multiplier for the mixing-gate parameters
+    # carry each layer's memory (detached) from one micro-batch to the next, emptied every this many
+    # micro-batches: what the seed's trainer did (memory_reset_every 5000), so a sequence reads what
+    # earlier, unrelated sequences wrote. 0 (the default): every sequence starts from an empty memory
+    carry_memory: int = 0
     stages: list = field(default_factory=lambda: [Stage()])
     phases: list = field(default_factory=list)  # episodic gate phases from step 0; then normal
     gate_alert: float = 0.1  # an alert event when a layer's mean gate falls below this
@@ -252,6 +260,7 @@ def validate(cfg: Config, src: str) -> Config:
         (t.lr > 0 and t.warmup_steps >= 0, "train.lr must be > 0 and train.warmup_steps >= 0"),
         (t.max_steps is None or t.max_steps >= 1, "train.max_steps must be >= 1"),
         (t.max_minutes is None or t.max_minutes >= 0, "train.max_minutes must be >= 0 or null"),
+        (t.carry_memory >= 0, "train.carry_memory must be >= 0 (0: no memory carried between batches)"),
         (min(t.log_every, t.stats_every, t.val_every, t.sample_every, t.checkpoint_every) >= 1,
          "train.log_every, stats_every, val_every, sample_every and checkpoint_every must be >= 1"),
         (t.keep_last >= 1, "train.keep_last must be >= 1"),

@@ -139,6 +139,26 @@ def test_gate_modes_force_and_floor():
     torch.testing.assert_close(forced, m(idx)[0])
 
 
+def test_detached_writes_compute_the_same_and_train_only_the_read():
+    """model.memory.detach_writes (the seed's memory): the same outputs, but the loss reaches only
+    the query's projection and the memory's output side, not keys, values or the memory's gates."""
+    idx = torch.randint(0, 97, (2, 11))
+    outs = {}
+    for detach in (False, True):
+        m = make(f"model.memory.detach_writes={detach}")
+        logits, _ = m(idx)
+        logits.square().mean().backward()
+        layer = m.blocks[0].memory
+        q_rows = layer.H * layer.Dk  # w_qkv's rows: q, then k, then v
+        outs[detach] = logits.detach()
+        if detach:
+            assert layer.w_gates.weight.grad is None or not layer.w_gates.weight.grad.any()
+            assert not layer.w_qkv.weight.grad[q_rows:].any() and layer.w_qkv.weight.grad[:q_rows].any()
+        else:
+            assert layer.w_gates.weight.grad.any() and layer.w_qkv.weight.grad[q_rows:].any()
+    assert torch.equal(outs[False], outs[True])
+
+
 def test_memory_disabled_and_aux_loss():
     m = make("model.gate.aux_weight=1.0", "model.gate.aux_target=0.6")
     idx = torch.randint(0, 97, (2, 11))

@@ -182,3 +182,16 @@ def test_time_limit_stops_at_a_log_step_and_resume_continues(tmp_path):
     loss_a = {r["step"]: r["loss"] for r in rows(a, "train_steps")}
     loss_b = {r["step"]: r["loss"] for r in rows(b, "train_steps")}
     assert max(loss_b) == 6 and [loss_b[s] for s in (4, 6)] == [loss_a[s] for s in (4, 6)]
+
+
+def test_carried_memory_reaches_the_next_batch_and_resets(tmp_path):
+    """train.carry_memory (the seed's trainer): the memory one micro-batch leaves is where the next
+    one starts; emptied every micro-batch (carry_memory=1) the run is the default one, bit for bit."""
+    common = [*SMALL, "train.max_steps=2", "train.grad_accum=2", "train.log_every=1", "train.seed=3"]
+    losses = {}
+    for name, extra in (("fresh", []), ("every", ["train.carry_memory=1"]), ("carried", ["train.carry_memory=3"])):
+        run = tmp_path / name
+        assert main(["train", "tiny", "--run-dir", str(run), *common, *extra]) == 0
+        losses[name] = [r["loss"] for r in rows(run, "train_steps")]
+    assert losses["every"] == losses["fresh"]
+    assert losses["carried"][0] != losses["fresh"][0]  # the step's second micro-batch read the first's memory

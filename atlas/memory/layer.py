@@ -93,6 +93,8 @@ class MemoryLayer(nn.Module):
         if c.rule == "gd":
             eta = torch.zeros_like(eta)  # no momentum: S_t = -theta_t grad
         ins = (q, k, v, alpha, eta, theta, gamma)
+        if c.detach_writes:  # the seed's memory: what it writes learns nothing from the loss
+            ins = (q,) + tuple(x.detach() for x in ins[1:])
         if T == 1 and state is not None:  # decoding: one O(1) step
             y, new_state = self._step(ins, state)  # y (B, 1, H, Dv)
         else:

@@ -5,6 +5,7 @@ rank-aware: every rank trains, rank 0 writes).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from ..config import Config, phase_at, stage_at, total_steps
 from ..errors import UserError
 from ..memory.stats import gate_drift, memory_stats
 from ..model import AtlasLM, GateMode
+from ..model.block import BlockState
 from ..model.generate import generate
 from ..tasks.mqar import scored_hits
 from .checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
@@ -88,6 +90,7 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
     init_gates = [cfg.model.gate.init] * sum(b.has_memory for b in model.blocks)
     gates_then = gates_before(run_dir, step, init_gates) if step else (0, init_gates)
     t_start = time.perf_counter()
+    carried, micro_n = None, 0  # train.carry_memory: the memory one micro-batch leaves to the next
     while step < last_step:
         # ---- stage: the memory chunk size and LR scale of this part of the run (TNT)
         idx, stage = stage_at(cfg, step)
@@ -108,11 +111,14 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
             modes = gate_modes(mode, x, data.train)  # (B, T) GateMode or None
             with parallel.accumulating(fwd, last=micro == t.grad_accum - 1):  # all-reduce once a step
                 with autocast:
-                    logits, state = fwd(x, gate_modes=modes)
+                    logits, state = fwd(x, state=carried, gate_modes=modes)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # -100 labels are not scored
                 aux = model.gate_aux_loss()
                 ((loss + aux) / t.grad_accum).backward()  # each backward() adds to .grad
             loss_sum += loss.detach() / t.grad_accum
+            if t.carry_memory:
+                micro_n += 1
+                carried = None if micro_n % t.carry_memory == 0 else memory_of(state)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -178,6 +184,20 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
     log.close()
     parallel.teardown()
     return run_dir
+
+
+def memory_of(state: list[BlockState]) -> list[BlockState]:
+    """The memory of `state`, detached, for the next batch to start from (train.carry_memory). The
+    attention cache is left behind: the seed's attention never saw past its own call."""
+    def detached(x):
+        if isinstance(x, torch.Tensor):
+            return x.detach()
+        if isinstance(x, (list, tuple)):
+            return type(x)(detached(v) for v in x)
+        if dataclasses.is_dataclass(x):
+            return dataclasses.replace(x, **{f.name: detached(getattr(x, f.name)) for f in dataclasses.fields(x)})
+        return x
+    return [BlockState(attn=None, memory=detached(s.memory)) for s in state]
 
 
 def out_of_time(t_start: float, max_minutes: float | None) -> bool:
