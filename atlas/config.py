@@ -117,7 +117,8 @@ class TrainConfig:
     gate_lr_mult: float = 1.0  # LR multiplier for the mixing-gate parameters
     # carry each layer's memory (detached) from one micro-batch to the next, emptied every this many
     # micro-batches: what the seed's trainer did (memory_reset_every 5000), so a sequence reads what
-    # earlier, unrelated sequences wrote. 0 (the default): every sequence starts from an empty memory
+    # earlier, unrelated sequences wrote (a resumed run starts it empty). 0 (the default): every
+    # sequence starts from an empty memory
     carry_memory: int = 0
     stages: list = field(default_factory=lambda: [Stage()])
     phases: list = field(default_factory=list)  # episodic gate phases from step 0; then normal

@@ -40,8 +40,15 @@ LM_RECIPES = {
     # and a memory learning rate in the seed's regime: its M sat at the clamp from step 639 on while
     # S_norm was ~3,000 (60x the clamp), i.e. each chunk's update dwarfed the ceiling (max_lr 1.0,
     # theta 0.5, as MQAR's; the LM base rate 0.1 / 0.005 never reaches the clamp here)
+    # ... and the seed as its published code ran (github.com/r3d91ll/Todd_Atlas: src/model/omega_memory.py,
+    # src/training/ddp_trainer.py; experiments/memory_use/README.md): the memory wrote under no_grad
+    # (nothing learned what to write), its state was carried from batch to batch and reset every 5,000
+    # micro-batches, it kept 0.99 of M at each update (one per 16 tokens: a forget rate of 0.0006 a
+    # token), and the trainer gave the mixing gate 5x the LR
     "seed": ["model.attn_window=null", "model.gate.init=0.5", "model.gate.floor=0.0", "model.gate.branch_norm=none",
-             "model.memory.max_norm=6.25", "model.memory.max_lr=1.0", "model.memory.theta_init=0.5", f"train.stages=[{{steps: {STEPS * 9 // 10}, chunk_size: 256}}, "
+             "model.memory.max_norm=6.25", "model.memory.max_lr=1.0", "model.memory.theta_init=0.5",
+             "model.memory.detach_writes=true", "train.carry_memory=5000", "model.memory.alpha_init=0.0006",
+             "train.gate_lr_mult=5", f"train.stages=[{{steps: {STEPS * 9 // 10}, chunk_size: 256}}, "
              f"{{steps: {STEPS // 10}, chunk_size: 32}}]"],
     # Atlas: a randomized sliding window shorter than the sequence (the memory is needed), both
     # branches normalised, a gate floor and a small utilisation loss, no norm ceiling, small chunks
