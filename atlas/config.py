@@ -55,7 +55,9 @@ class MemoryConfig:
 @dataclass
 class GateConfig:
     """The attention/memory mix of DESIGN.md §2: g = floor + (1 - floor) sigmoid(w)."""
-    kind: Literal["scalar", "channel"] = "scalar"  # one scalar per layer, or per channel from the input
+    # one scalar per layer, or per channel from the input, or per channel from both branches' outputs
+    # (the seed's code: sigmoid(W [mem, attn] + b))
+    kind: Literal["scalar", "channel", "branches"] = "scalar"
     init: float = 0.5
     floor: float = 0.0
     branch_norm: Literal["rms", "none"] = "rms"  # normalise both branches before mixing

@@ -23,7 +23,8 @@ VARIANTS = [
     [],
     ["model.attn_window=5"],
     ["model.attn_window=null", "model.gate.kind=channel", "model.memory.rule=muon"],
-    ["model.memory.rule=gd", "model.memory.bias=huber", "model.memory.poly_degree=0", "model.memory.conv_size=0"],
+    ["model.memory.rule=gd", "model.memory.bias=huber", "model.memory.poly_degree=0", "model.memory.conv_size=0",
+     "model.gate.kind=branches"],
     ["model.memory.max_norm=0.02", "model.tie_embeddings=false", "model.gate.floor=0.2"],  # 0.02: the clamp acts
     ["model.memory.enabled=false"],
 ]

@@ -43,7 +43,9 @@ class SwiGLU(nn.Module):
 
 
 class MixGate(nn.Module):
-    """The attention/memory gate: a scalar per layer, or per channel from the input."""
+    """The attention/memory gate: a scalar per layer, or per channel from the block's input
+    (`channel`) or from both branches' outputs side by side (`branches`: the seed's gate,
+    sigmoid(W [mem, attn] + b))."""
 
     def __init__(self, d_model: int, cfg: GateConfig):
         super().__init__()
@@ -52,11 +54,12 @@ class MixGate(nn.Module):
         if cfg.kind == "scalar":
             self.w = nn.Parameter(torch.tensor(w0))
         else:
-            self.proj = nn.Linear(d_model, d_model)
+            self.proj = nn.Linear(2 * d_model if cfg.kind == "branches" else d_model, d_model)
             nn.init.zeros_(self.proj.weight)  # start input-independent, at exactly `init`
             nn.init.constant_(self.proj.bias, w0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, C) the block's normed input, or (B, T, 2C) both branches for `branches`."""
         logit = self.w if self.cfg.kind == "scalar" else self.proj(x)  # () or (B, T, C)
         return self.cfg.floor + (1 - self.cfg.floor) * torch.sigmoid(logit)
 
@@ -93,7 +96,8 @@ class Block(nn.Module):
             else:
                 m, mem_state = self.memory(hx, state.memory if state is not None else None)
             m = F.dropout(m, self.mem_dropout, self.training)
-            g = self.gate(hx)  # () or (B, T, C)
+            m, a = self.norm_mem(m), self.norm_attn(a)
+            g = self.gate(torch.cat([m, a], dim=-1) if self.gate_cfg.kind == "branches" else hx)  # () or (B, T, C)
             self.gate_mean = g.float().mean()
             self.last_gate = self.gate_mean.detach()
             if gate_modes is not None:
@@ -102,6 +106,6 @@ class Block(nn.Module):
                 low = low.masked_fill(gate_modes == GateMode.STORAGE, c.storage_gate)
                 low = low.masked_fill(gate_modes == GateMode.RETRIEVAL, c.retrieval_floor)
                 g = torch.maximum(g, low[..., None].to(g.dtype))  # (B, T, 1) or (B, T, C)
-            a = g * self.norm_mem(m) + (1 - g) * self.norm_attn(a)
+            a = g * m + (1 - g) * a
         h = x + a
         return h + self.mlp(self.norm_mlp(h)), BlockState(attn=kv, memory=mem_state)
