@@ -18,6 +18,7 @@ RUNS = [
     ("+ writes under no_grad", PARTS / "seed_code" / "detach" / "lm.json"),
     ("+ memory carried across batches, forget 0.0006 (the seed's memory)", PARTS / "seed_code" / "seed_memory" / "lm.json"),
     ("the same, 3,000 steps", PARTS / "seed_code" / "seed_memory_3000" / "lm.json"),
+    ("the seed's memory, and its gate: per channel from both branches", PARTS / "seed_code" / "gate_branches" / "lm.json"),
 ]
 
 
