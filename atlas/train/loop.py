@@ -74,6 +74,11 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
         log.line(f"resumed from {resume_ckpt} at step {step}")
     n_params = sum(p.numel() for p in model.parameters())
     log.line(f"model: {n_params:,} parameters on {device}; run directory {run_dir}")
+    seed_like = [what for on, what in (
+        (cfg.model.memory.detach_writes, "model.memory.detach_writes: the loss does not train what the memory writes"),
+        (t.carry_memory, f"train.carry_memory={t.carry_memory}: each batch starts from the last one's memory")) if on]
+    if seed_like:  # the seed's failure modes, on purpose
+        log.line(f"note: the seed's memory ({'; '.join(seed_like)}); experiments/memory_use/README.md")
     if t.compile:
         model.compile_blocks()
     fwd = parallel.wrap(model, device)  # DDP under torchrun; the model itself stays single-device
