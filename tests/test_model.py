@@ -160,7 +160,7 @@ def test_detached_writes_compute_the_same_and_train_only_the_read():
     assert torch.equal(outs[False], outs[True])
 
 
-def test_memory_disabled_and_aux_loss():
+def test_memory_ablations_and_aux_loss():
     m = make("model.gate.aux_weight=1.0", "model.gate.aux_target=0.6")
     idx = torch.randint(0, 97, (2, 11))
     on, _ = m(idx)
@@ -168,9 +168,16 @@ def test_memory_disabled_and_aux_loss():
     assert aux.item() == pytest.approx(2 * 0.1 ** 2)  # two layers at 0.5 against a 0.6 target
     aux.backward()
     assert m.blocks[0].gate.w.grad.item() < 0  # the loss pushes the gate up
-    with m.memory_disabled():
+    with m.memory_ablated():
         off, _ = m(idx)
     assert not torch.allclose(on, off)
+    with m.memory_ablated("shuffled"):
+        shuffled, _ = m(idx)
+    assert not torch.allclose(on, shuffled) and not torch.allclose(off, shuffled)
+    same = idx[:1].expand(2, -1)  # two copies of one sequence: the other's memory is its own
+    ref, _ = m(same)
+    with m.memory_ablated("shuffled"):
+        torch.testing.assert_close(m(same)[0], ref)
     torch.testing.assert_close(m(idx)[0], on)  # restored after the block
 
 

@@ -36,7 +36,7 @@ def test_resume_is_bit_identical_and_metrics_are_named(tmp_path):
     stats = [r for r in rows(a, "train_steps") if "gate" in r]
     assert stats and all(len(r[k]) == 2 for r in stats for k in ("gate", "M_norm", "M_std", "M_max", "M_mean", "S_norm"))
     assert [e["chunk_size"] for e in rows(a, "events") if e["event"] == "stage"] == [4]
-    assert {"val_loss", "val_ppl", "val_loss_memory_off"} <= set(rows(a, "val_metrics")[0])
+    assert {"val_loss", "val_ppl", "val_loss_memory_off", "val_loss_memory_shuffled"} <= set(rows(a, "val_metrics")[0])
     assert len((a / "samples.jsonl").read_text().splitlines()) == 4  # four prompts, at the last step
     ckpts = sorted(p.name for p in (a / "checkpoints").iterdir())
     assert "checkpoint_6" in ckpts and all((a / "checkpoints" / c / "COMPLETE").is_file() for c in ckpts)

@@ -80,7 +80,9 @@ class Block(nn.Module):
         self.norm_mlp = nn.RMSNorm(d, eps=cfg.norm_eps)
         self.mlp = SwiGLU(d, cfg.d_ff)
         self.gate_cfg, self.mem_dropout = cfg.gate, cfg.memory.dropout
-        self.memory_off = False  # the ablation: the memory branch contributes zeros
+        # the ablations (AtlasLM.memory_ablated): "off", the memory branch contributes zeros;
+        # "shuffled", each sequence gets another's memory output (the batch rolled by one)
+        self.ablation: str | None = None
         self.gate_mean = None  # mean learned gate of the last forward (with grad, for the aux loss)
         self.last_gate = None  # the same, detached (reading it later costs no host sync now)
 
@@ -91,10 +93,12 @@ class Block(nn.Module):
         a, kv = self.attn(hx, state.attn if state is not None else None, window)
         mem_state = None
         if self.has_memory:
-            if self.memory_off:  # the ablation: nothing to compute, nothing to carry
+            if self.ablation == "off":  # nothing to compute, nothing to carry
                 m = torch.zeros_like(hx)
             else:
                 m, mem_state = self.memory(hx, state.memory if state is not None else None)
+                if self.ablation == "shuffled":  # the same kind of output, none of this sequence's content
+                    m = m.roll(1, dims=0)
             m = F.dropout(m, self.mem_dropout, self.training)
             m, a = self.norm_mem(m), self.norm_attn(a)
             g = self.gate(torch.cat([m, a], dim=-1) if self.gate_cfg.kind == "branches" else hx)  # () or (B, T, C)

@@ -39,7 +39,7 @@ def unsupported(model, steps: int | None = None) -> str | None:
         if block.attn.window is None and steps is None:
             return ("attention has no sliding window (model.attn_window), so its cache grows with every token: "
                     "give the most tokens the decoder will step (steps=)")
-        if block.has_memory and block.memory_off:
+        if block.has_memory and block.ablation is not None:
             return "the memory ablation is on"
         if block.has_memory and block.memory.chunk_size < 2:
             return "memory chunks of one token close at every step"

@@ -61,16 +61,22 @@ class AtlasLM(nn.Module):
         return c.aux_weight * sum(torch.relu(c.aux_target - g) ** 2 for g in gates)
 
     @contextmanager
-    def memory_disabled(self):
-        """The memory ablation: every memory branch contributes zeros inside this block."""
+    def memory_ablated(self, kind: str = "off"):
+        """Inside this block every memory branch contributes zeros ("off"), or each sequence of a
+        batch reads another one's memory output ("shuffled": the batch rolled by one). Zeroing
+        also removes the branch's share of the mix, which a model with unnormalised branches
+        misses whether or not the memory tells it anything; shuffling keeps the share and
+        removes only what the memory read from this sequence."""
+        if kind not in ("off", "shuffled"):
+            raise ValueError(f"memory ablation {kind!r}: 'off' or 'shuffled'")
         blocks = [b for b in self.blocks if b.has_memory]
         for b in blocks:
-            b.memory_off = True
+            b.ablation = kind
         try:
             yield self
         finally:
             for b in blocks:
-                b.memory_off = False
+                b.ablation = None
 
     def set_chunk_size(self, chunk_size: int) -> None:
         """TNT stages change the memory chunk size during training."""

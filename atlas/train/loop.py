@@ -167,7 +167,7 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
             steps_since_log, t_log = 0, time.perf_counter()
 
         if step % t.val_every == 0 or step == last_step:
-            val = evaluate(model, data, t.val_batches, autocast)
+            val = evaluate(model, data, t.val_batches, autocast, shuffle=t.batch_size > 1)
             log.record("val_metrics", {"step": step, **val})
             extra = "".join(f" {k} {v:.4f}" for k, v in val.items() if k not in ("val_loss", "val_ppl"))
             log.line(f"step {step}: val_loss {val['val_loss']:.4f} val_ppl {val['val_ppl']:.1f}{extra}", echo=bar is None)
@@ -276,20 +276,27 @@ def _val_pass(model, data, n_batches: int, autocast) -> tuple[float, float | Non
     return torch.stack(losses).mean().item(), retrieval
 
 
-def evaluate(model, data, n_batches: int, autocast) -> dict:
-    """Validation at the current memory chunk size, with and without the memory branch."""
+def evaluate(model, data, n_batches: int, autocast, shuffle: bool = True) -> dict:
+    """Validation at the current memory chunk size: as the model is, with the memory branches
+    zeroed, and (shuffle: batches of two or more) with each sequence reading another's memory."""
     model.eval()
     loss, acc = _val_pass(model, data, n_batches, autocast)
     loss = parallel.mean(loss)  # each rank validated its own shard
     out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
     if acc is not None:
         out["retrieval_acc"] = acc
-    if model.memory_layers():  # the ablation: how much does the model lean on its memory?
-        with model.memory_disabled():
+    if model.memory_layers():  # the ablations: how much does the model lean on its memory?
+        with model.memory_ablated("off"):
             loss_off, acc_off = _val_pass(model, data, n_batches, autocast)
         out["val_loss_memory_off"] = parallel.mean(loss_off)
         if acc_off is not None:
             out["retrieval_acc_memory_off"] = acc_off
+        if shuffle:  # and on what it read from this very sequence
+            with model.memory_ablated("shuffled"):
+                loss_mixed, acc_mixed = _val_pass(model, data, n_batches, autocast)
+            out["val_loss_memory_shuffled"] = parallel.mean(loss_mixed)
+            if acc_mixed is not None:
+                out["retrieval_acc_memory_shuffled"] = acc_mixed
     model.train()
     return out
 
