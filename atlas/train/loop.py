@@ -293,10 +293,10 @@ def evaluate(model, data, n_batches: int, autocast, shuffle: bool = True) -> dic
             out["retrieval_acc_memory_off"] = acc_off
         if shuffle:  # and on what it read from this very sequence
             with model.memory_ablated("shuffled"):
-                loss_mixed, acc_mixed = _val_pass(model, data, n_batches, autocast)
-            out["val_loss_memory_shuffled"] = parallel.mean(loss_mixed)
-            if acc_mixed is not None:
-                out["retrieval_acc_memory_shuffled"] = acc_mixed
+                loss_shuffled, acc_shuffled = _val_pass(model, data, n_batches, autocast)
+            out["val_loss_memory_shuffled"] = parallel.mean(loss_shuffled)
+            if acc_shuffled is not None:
+                out["retrieval_acc_memory_shuffled"] = acc_shuffled
     model.train()
     return out
 
