@@ -241,11 +241,19 @@ def test_eval_cli_on_a_tiny_run(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out.strip())
     assert res["task"] == "passkey" and res["length"] == 128 and res["train_len"] == 32 and res["n"] == 2
 
+    # the run's own validation, again from its last checkpoint: the same numbers, ablations included
+    assert main(["eval", "memory", str(run)]) == 0
+    res = json.loads(capsys.readouterr().out.strip())
+    last = json.loads((run / "metrics" / "val_metrics.jsonl").read_text().splitlines()[-1])
+    assert res["step"] == last["step"] == 5
+    assert all(res[k] == last[k] for k in ("val_loss", "val_loss_memory_off", "val_loss_memory_shuffled"))
+
     from atlas.tasks.cli import load_for_eval
     model, *_ = load_for_eval(str(run), "cpu")
     assert {m.chunk_size for m in model.memory_layers()} == {4}  # the second stage's chunk (steps 4..)
 
-    for argv in (["eval", "mqar", str(tmp_path / "nope")], ["eval", "passkey", str(data)]):
+    for argv in (["eval", "mqar", str(tmp_path / "nope")], ["eval", "passkey", str(data)],
+                 ["eval", "memory", str(run), "--batches", "0"]):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "atlas eval" in err

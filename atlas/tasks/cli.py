@@ -1,5 +1,6 @@
-"""`atlas eval mqar|passkey RUN_OR_CHECKPOINT`: retrieval accuracy of a trained checkpoint, and
-`atlas sample RUN_OR_CHECKPOINT`: text from it.
+"""`atlas eval mqar|passkey RUN_OR_CHECKPOINT`: retrieval accuracy of a trained checkpoint,
+`atlas eval memory RUN_OR_CHECKPOINT`: its validation loss with the memory as trained, zeroed and
+shuffled, and `atlas sample RUN_OR_CHECKPOINT`: text from it.
 
 eval prints one JSON line on stdout (for scripts: `atlas eval mqar runs/x | jq .accuracy`) and one
 human line on stderr; sample prints the text on stdout and its speed on stderr.
@@ -106,6 +107,31 @@ def cmd_eval_passkey(args) -> None:
             f"({length / cfg.train.seq_len:.1f}x the training length); {ckpt.name} of {ckpt.parent.parent}")
 
 
+def cmd_eval_memory(args) -> None:
+    """The validation of a training run (atlas.train.loop.evaluate) on a checkpoint: for runs
+    from before an ablation was logged, or on more batches than the run used."""
+    import torch
+
+    from ..train.data import load_data
+    from ..train.loop import evaluate
+
+    model, cfg, ckpt, step = load_for_eval(args.run, args.device)
+    n = cfg.train.val_batches if args.batches is None else args.batches
+    if n < 1:
+        raise UserError(f"atlas eval memory: --batches {n}; use at least 1")
+    if not model.memory_layers():
+        raise UserError(f"atlas eval memory: the model of {ckpt} has no memory (model.memory.enabled is false)")
+    data = load_data(cfg, ckpt.parent.parent)  # the run directory: its tokenized data and tokenizer
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")  # as trained
+    r = evaluate(model, data, n, autocast, shuffle=cfg.train.batch_size > 1)
+    _report({"task": "memory", "checkpoint": str(ckpt), "step": step, "batches": n,
+             "batch_size": cfg.train.batch_size, "seq_len": cfg.train.seq_len, **r},
+            f"val_loss {r['val_loss']:.4f}, memory off {r['val_loss_memory_off']:.4f}"
+            + (f", memory shuffled {r['val_loss_memory_shuffled']:.4f}" if "val_loss_memory_shuffled" in r else "")
+            + f" on {n} validation batches; {ckpt.name} of {ckpt.parent.parent}")
+
+
 def cmd_sample(args) -> None:
     """Generate from a checkpoint: the prompt is read once, then one O(1) step a token."""
     import torch
@@ -149,7 +175,7 @@ def add_inference_commands(sub) -> None:
                          "300M model, then about half the time a token (for long generations)")
     sm.set_defaults(fn=cmd_sample)
 
-    ev = sub.add_parser("eval", help="retrieval evaluations of a checkpoint (mqar, passkey)")
+    ev = sub.add_parser("eval", help="evaluations of a checkpoint (mqar, passkey, memory)")
     tasks = ev.add_subparsers(dest="eval_cmd", required=True)
     common = dict(help="a run directory (its newest complete checkpoint) or a checkpoint directory")
 
@@ -173,3 +199,11 @@ def add_inference_commands(sub) -> None:
     pk.add_argument("--batch-size", type=int, default=8)
     pk.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     pk.set_defaults(fn=cmd_eval_passkey)
+
+    me = tasks.add_parser("memory", help="validation loss with the memory as trained, zeroed and shuffled "
+                                         "(each sequence reading another's)")
+    me.add_argument("run", metavar="RUN_OR_CHECKPOINT", **common)
+    me.add_argument("--batches", type=int, help="validation batches (default: the run's train.val_batches, "
+                                                "so the last checkpoint gives the run's last validation)")
+    me.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    me.set_defaults(fn=cmd_eval_memory)
