@@ -110,10 +110,8 @@ def cmd_eval_passkey(args) -> None:
 def cmd_eval_memory(args) -> None:
     """The validation of a training run (atlas.train.loop.evaluate) on a checkpoint: for runs
     from before an ablation was logged, or on more batches than the run used."""
-    import torch
-
     from ..train.data import load_data
-    from ..train.loop import evaluate
+    from ..train.loop import autocast_for, evaluate
 
     model, cfg, ckpt, step = load_for_eval(args.run, args.device)
     n = cfg.train.val_batches if args.batches is None else args.batches
@@ -122,9 +120,7 @@ def cmd_eval_memory(args) -> None:
     if not model.memory_layers():
         raise UserError(f"atlas eval memory: the model of {ckpt} has no memory (model.memory.enabled is false)")
     data = load_data(cfg, ckpt.parent.parent)  # the run directory: its tokenized data and tokenizer
-    device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")  # as trained
-    r = evaluate(model, data, n, autocast, shuffle=cfg.train.batch_size > 1)
+    r = evaluate(model, data, n, autocast_for(cfg.train, next(model.parameters()).device))
     _report({"task": "memory", "checkpoint": str(ckpt), "step": step, "batches": n,
              "batch_size": cfg.train.batch_size, "seq_len": cfg.train.seq_len, **r},
             f"val_loss {r['val_loss']:.4f}, memory off {r['val_loss_memory_off']:.4f}"

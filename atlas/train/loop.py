@@ -74,16 +74,15 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
         log.line(f"resumed from {resume_ckpt} at step {step}")
     n_params = sum(p.numel() for p in model.parameters())
     log.line(f"model: {n_params:,} parameters on {device}; run directory {run_dir}")
-    seed_like = [what for on, what in (
-        (cfg.model.memory.detach_writes, "model.memory.detach_writes: the loss does not train what the memory writes"),
-        (t.carry_memory, f"train.carry_memory={t.carry_memory}: each batch starts from the last one's memory")) if on]
-    if seed_like:  # the seed's failure modes, on purpose
-        log.line(f"note: the seed's memory ({'; '.join(seed_like)}); experiments/memory_use/README.md")
+    # the seed's failure modes, on purpose (experiments/memory_use/README.md)
+    if cfg.model.memory.detach_writes:
+        log.line("note: model.memory.detach_writes is on: the loss does not train what the memory writes (the seed's)")
+    if t.carry_memory:
+        log.line(f"note: train.carry_memory={t.carry_memory}: each batch starts from the last one's memory (the seed's)")
     if t.compile:
         model.compile_blocks()
     fwd = parallel.wrap(model, device)  # DDP under torchrun; the model itself stays single-device
-    use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    autocast = autocast_for(t, device)
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
     last_step = total_steps(cfg)
@@ -167,7 +166,7 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
             steps_since_log, t_log = 0, time.perf_counter()
 
         if step % t.val_every == 0 or step == last_step:
-            val = evaluate(model, data, t.val_batches, autocast, shuffle=t.batch_size > 1)
+            val = evaluate(model, data, t.val_batches, autocast)
             log.record("val_metrics", {"step": step, **val})
             extra = "".join(f" {k} {v:.4f}" for k, v in val.items() if k not in ("val_loss", "val_ppl"))
             log.line(f"step {step}: val_loss {val['val_loss']:.4f} val_ppl {val['val_ppl']:.1f}{extra}", echo=bar is None)
@@ -189,6 +188,13 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
     log.close()
     parallel.teardown()
     return run_dir
+
+
+def autocast_for(t, device: torch.device):
+    """The precision a run trains in (train.dtype; auto: bf16 autocast on a GPU, float32 on a CPU),
+    for whatever later runs its model as trained."""
+    use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
 def memory_of(state: list[BlockState]) -> list[BlockState]:
@@ -258,9 +264,9 @@ def memory_alerts(log, step: int, row: dict, t) -> None:
 
 
 @torch.no_grad()
-def _val_pass(model, data, n_batches: int, autocast) -> tuple[float, float | None]:
-    """Mean loss over fixed validation batches, and accuracy on scored (label != -100) positions
-    when the task scores only some (retrieval tasks)."""
+def _val_pass(model, data, n_batches: int, autocast) -> tuple[float, float | None, int]:
+    """Mean loss over fixed validation batches, accuracy on scored (label != -100) positions
+    when the task scores only some (retrieval tasks), and the batches' size."""
     device = next(model.parameters()).device
     losses, hits, scored = [], 0, 0
     retrieval_task = data.task != "text"  # text scores every position: no accuracy to report
@@ -273,30 +279,27 @@ def _val_pass(model, data, n_batches: int, autocast) -> tuple[float, float | Non
             c, n = scored_hits(logits, y)
             hits, scored = hits + c, scored + n
     retrieval = hits / scored if retrieval_task and scored else None
-    return torch.stack(losses).mean().item(), retrieval
+    return torch.stack(losses).mean().item(), retrieval, x.shape[0]
 
 
-def evaluate(model, data, n_batches: int, autocast, shuffle: bool = True) -> dict:
+def evaluate(model, data, n_batches: int, autocast) -> dict:
     """Validation at the current memory chunk size: as the model is, with the memory branches
-    zeroed, and (shuffle: batches of two or more) with each sequence reading another's memory."""
+    zeroed, and (batches of two or more) with each sequence reading another's memory."""
     model.eval()
-    loss, acc = _val_pass(model, data, n_batches, autocast)
+    loss, acc, B = _val_pass(model, data, n_batches, autocast)
     loss = parallel.mean(loss)  # each rank validated its own shard
     out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
     if acc is not None:
         out["retrieval_acc"] = acc
-    if model.memory_layers():  # the ablations: how much does the model lean on its memory?
-        with model.memory_ablated("off"):
-            loss_off, acc_off = _val_pass(model, data, n_batches, autocast)
-        out["val_loss_memory_off"] = parallel.mean(loss_off)
-        if acc_off is not None:
-            out["retrieval_acc_memory_off"] = acc_off
-        if shuffle:  # and on what it read from this very sequence
-            with model.memory_ablated("shuffled"):
-                loss_shuffled, acc_shuffled = _val_pass(model, data, n_batches, autocast)
-            out["val_loss_memory_shuffled"] = parallel.mean(loss_shuffled)
-            if acc_shuffled is not None:
-                out["retrieval_acc_memory_shuffled"] = acc_shuffled
+    # the ablations: how much does the model lean on its memory, and on what it read from this very
+    # sequence? (a batch of one has no other sequence to read)
+    kinds = ("off", "shuffled") if B > 1 else ("off",)
+    for kind in kinds if model.memory_layers() else ():
+        with model.memory_ablated(kind):
+            loss_k, acc_k, _ = _val_pass(model, data, n_batches, autocast)
+        out[f"val_loss_memory_{kind}"] = parallel.mean(loss_k)
+        if acc_k is not None:
+            out[f"retrieval_acc_memory_{kind}"] = acc_k
     model.train()
     return out
 
