@@ -77,10 +77,27 @@ _ANY_T = ["NSC", "T"]
 _ANY_BH = _ANY_T + ["BH"]  # the sequential passes': B*H is in their autotune key (_SEQ_CONFIGS)
 
 
+# Tiles are addressed as rows r0 + rr of a row-major matrix with row stride ld: r0 a scalar (int64:
+# the tensors pass 2^31 elements), rr the rows' offsets from it (int32, the same for every
+# sub-chunk). Each tile's address then costs one 64-bit scalar and a loop-invariant int32 tile;
+# rows computed per element in int64 made ~1/3 of the sequential passes' instructions, whose
+# iterations are instruction-bound where a multiprocessor holds one program (B=1, long T).
 @triton.jit
-def _tile(ptr, rows, cols, ld, ncols):
-    """Load a (len(rows), len(cols)) tile of a row-major matrix with row stride ld, widened to float32."""
-    return tl.load(ptr + rows[:, None] * ld + cols[None, :], mask=cols[None, :] < ncols, other=0.0).to(tl.float32)
+def _at(ptr, r0, rr, cols, ld):
+    """Pointers to the (len(rr), len(cols)) tile at rows r0 + rr."""
+    return ptr + r0 * ld + (rr[:, None] * ld + cols[None, :])
+
+
+@triton.jit
+def _atT(ptr, r0, rr, cols, ld):
+    """_at's pointers transposed, (len(cols), len(rr))."""
+    return ptr + r0 * ld + (rr[None, :] * ld + cols[:, None])
+
+
+@triton.jit
+def _tile(ptr, r0, rr, cols, ld, ncols):
+    """Load a tile of a row-major matrix, widened to float32."""
+    return tl.load(_at(ptr, r0, rr, cols, ld), mask=cols[None, :] < ncols, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -96,61 +113,63 @@ def _mm(a, b, PREC: tl.constexpr):
 @triton.jit
 def _state(ptr, base, rv, rk, DV, DK):
     """Load the (BV, BK) tile at rows rv of the (Dv, Dk) float32 state starting at ptr + base."""
-    return tl.load(ptr + base + rv[:, None] * DK + rk[None, :], mask=(rv[:, None] < DV) & (rk[None, :] < DK), other=0.0)
+    return tl.load(ptr + base + (rv[:, None] * DK + rk[None, :]), mask=(rv[:, None] < DV) & (rk[None, :] < DK),
+                   other=0.0)
 
 
 @triton.jit
 def _qrows(QSTART, QLEN, b, s, rt, T, H, h):
-    """Sub-chunk s's query rows in the (B, T, H, D) token layout, and which of its BT rows are
-    real tokens (the rest is padding: loads read zeros, stores skip it)."""
-    return (b * T + tl.load(QSTART + s) + rt) * H + h, rt < tl.load(QLEN + s)
+    """Sub-chunk s's query rows in the (B, T, H, D) token layout, as rows r0 + rr of a (B*T*H, D)
+    matrix, and which of its BT rows are real tokens (the rest is padding: loads read zeros,
+    stores skip it)."""
+    return (b * T + tl.load(QSTART + s)) * H + h, rt * H, rt < tl.load(QLEN + s)
 
 
 @triton.jit
 def _krows(QSTART, QLEN, b, s, rl, T, W1, H, h):
     """Sub-chunk s's key rows in place in the (B, W-1+T, H, D) halo-first layout (its W-1 halo
-    rows, then its own), and which of its BL rows are real."""
-    return (b * (T + W1) + tl.load(QSTART + s) + rl) * H + h, rl < tl.load(QLEN + s) + W1
+    rows, then its own), as _qrows, and which of its BL rows are real."""
+    return (b * (T + W1) + tl.load(QSTART + s)) * H + h, rl * H, rl < tl.load(QLEN + s) + W1
 
 
 @triton.jit
-def _rraw(ptr, rows, ok, cols, ld, ncols):
+def _rraw(ptr, r0, rr, ok, cols, ld, ncols):
     """A tile in the tensor's own dtype (bf16 operands feed the tensor cores as they are), zeros on
     the rows where not ok."""
-    return tl.load(ptr + rows[:, None] * ld + cols[None, :], mask=ok[:, None] & (cols[None, :] < ncols), other=0.0)
+    return tl.load(_at(ptr, r0, rr, cols, ld), mask=ok[:, None] & (cols[None, :] < ncols), other=0.0)
 
 
 @triton.jit
-def _rstore(ptr, rows, ok, cols, ld, ncols, x):
-    tl.store(ptr + rows[:, None] * ld + cols[None, :], x.to(ptr.dtype.element_ty), mask=ok[:, None] & (cols[None, :] < ncols))
+def _rstore(ptr, r0, rr, ok, cols, ld, ncols, x):
+    tl.store(_at(ptr, r0, rr, cols, ld), x.to(ptr.dtype.element_ty), mask=ok[:, None] & (cols[None, :] < ncols))
 
 
 @triton.jit
-def _store(ptr, rows, cols, ld, ncols, x):
-    tl.store(ptr + rows[:, None] * ld + cols[None, :], x.to(ptr.dtype.element_ty), mask=cols[None, :] < ncols)
+def _store(ptr, r0, rr, cols, ld, ncols, x):
+    tl.store(_at(ptr, r0, rr, cols, ld), x.to(ptr.dtype.element_ty), mask=cols[None, :] < ncols)
 
 
 @triton.jit
-def _rawT(ptr, rows, ok, cols, ld, ncols):
-    """_rraw's tile transposed, (len(cols), len(rows)), read as such: the sequential passes hold
+def _rawT(ptr, r0, rr, ok, cols, ld, ncols):
+    """_rraw's tile transposed, (len(cols), len(rr)), read as such: the sequential passes hold
     value rows first (below), and a transposed load costs nothing on their loop's path."""
-    return tl.load(ptr + rows[None, :] * ld + cols[:, None], mask=ok[None, :] & (cols[:, None] < ncols), other=0.0)
+    return tl.load(_atT(ptr, r0, rr, cols, ld), mask=ok[None, :] & (cols[:, None] < ncols), other=0.0)
 
 
 @triton.jit
-def _storeT(ptr, rows, cols, ld, ncols, xt):
-    """_store of xt = x transposed, (len(cols), len(rows))."""
-    tl.store(ptr + rows[None, :] * ld + cols[:, None], xt.to(ptr.dtype.element_ty), mask=cols[:, None] < ncols)
+def _storeT(ptr, r0, rr, cols, ld, ncols, xt):
+    """_store of xt = x transposed, (len(cols), len(rr))."""
+    tl.store(_atT(ptr, r0, rr, cols, ld), xt.to(ptr.dtype.element_ty), mask=cols[:, None] < ncols)
 
 
 @triton.jit
 def _fwd_state_ins(K, V, GL, CS, LAST, QSTART, QLEN, bh, b, h, s, NSC, T, W1, H, rl, rk, rv, DK, DV,
                    BL: tl.constexpr):
     """_fwd_state's inputs of sub-chunk s: K (BL, BK) raw, V^T (BV, BL), gl, cs (BL,), pl, fl, pel."""
-    krow, kok = _krows(QSTART, QLEN, b, s, rl, T, W1, H, h)
-    g, lo = (bh * NSC + s) * BL + rl, (bh * NSC + s) * 3
-    return (_rraw(K, krow, kok, rk, DK, DK), _rawT(V, krow, kok, rv, DV, DV).to(tl.float32), tl.load(GL + g),
-            tl.load(CS + g), tl.load(LAST + lo), tl.load(LAST + lo + 1), tl.load(LAST + lo + 2))
+    k0, kr, kok = _krows(QSTART, QLEN, b, s, rl, T, W1, H, h)
+    g0, lo = (bh * NSC + s) * BL, (bh * NSC + s) * 3
+    return (_rraw(K, k0, kr, kok, rk, DK, DK), _rawT(V, k0, kr, kok, rv, DV, DV).to(tl.float32), tl.load(GL + g0 + rl),
+            tl.load(CS + g0 + rl), tl.load(LAST + lo), tl.load(LAST + lo + 1), tl.load(LAST + lo + 2))
 
 
 @triton.autotune(configs=_SEQ_CONFIGS, key=["BL", "BK", "DV", "BH"], **_CACHE)
@@ -196,7 +215,7 @@ def _fwd_state(K, V, GL, CS, LAST, REF, QSTART, QLEN, M0, S0, MS, SS, ES, MOUT, 
         if HUBER:
             Et = tl.minimum(tl.maximum(Et, -delta), delta)
         # the parallel kernels read E (rounded like the states) instead of recomputing K Mr^T - V
-        _storeT(ES, (bh * NSC + s) * BL + rl, rv, DV, DV, Et)
+        _storeT(ES, (bh * NSC + s) * BL, rl, rv, DV, DV, Et)
         M_next = pl * M + fl * S - _mm((Et * gl[None, :]).to(k.dtype), k, PREC)
         S = pel * S - _mm((Et * cs[None, :]).to(k.dtype), k, PREC)
         M = M_next
@@ -215,21 +234,21 @@ def _fwd_out(Q, K, ES, G, P, F, QSTART, QLEN, MS, SS, Y, AS, NSC, T, W1, H, DK, 
     b, h = bh // H, bh % H
     rv = tl.program_id(2) * BV + tl.arange(0, BV)
     rk, rl, rt = tl.arange(0, BK), tl.arange(0, BL), tl.arange(0, BT)
-    qrow, qok = _qrows(QSTART, QLEN, b, s, rt, T, H, h)
-    krow, kok = _krows(QSTART, QLEN, b, s, rl, T, W1, H, h)
-    q, k = _rraw(Q, qrow, qok, rk, DK, DK), _rraw(K, krow, kok, rk, DK, DK)  # (BT, BK), (BL, BK)
-    g = (bh * NSC + s) * BT + rt
-    A = _mm(q, tl.trans(k), PREC) * _tile(G, g, rl, BL, BL)  # (BT, BL)
+    q0, qr, qok = _qrows(QSTART, QLEN, b, s, rt, T, H, h)
+    k0, kr, kok = _krows(QSTART, QLEN, b, s, rl, T, W1, H, h)
+    q, k = _rraw(Q, q0, qr, qok, rk, DK, DK), _rraw(K, k0, kr, kok, rk, DK, DK)  # (BT, BK), (BL, BK)
+    g0 = (bh * NSC + s) * BT  # rows g0 + rt of the per-sub-chunk-row tensors
+    A = _mm(q, tl.trans(k), PREC) * _tile(G, g0, rt, rl, BL, BL)  # (BT, BL)
     if tl.program_id(2) == 0:  # the backward's sequential pass reads A instead of recomputing it
-        _store(AS, g, rl, BL, BL, A)
+        _store(AS, g0, rt, rl, BL, BL, A)
     o = (bh * NSC + s) * DV * DK
     # the stored states are in q's dtype: bf16 products at full tensor-core rate
     Ms, Ss = _state(MS, o, rv, rk, DV, DK), _state(SS, o, rv, rk, DV, DK)  # (BV, BK)
-    E = _rraw(ES, (bh * NSC + s) * BL + rl, rl < BL, rv, DV, DV)  # (BL, BV) as _fwd_state stored it
-    y = (tl.load(P + g)[:, None] * _mm(q, tl.trans(Ms), PREC)
-         + tl.load(F + g)[:, None] * _mm(q, tl.trans(Ss), PREC)
+    E = _rraw(ES, (bh * NSC + s) * BL, rl, rl < BL, rv, DV, DV)  # (BL, BV) as _fwd_state stored it
+    y = (tl.load(P + g0 + rt)[:, None] * _mm(q, tl.trans(Ms), PREC)
+         + tl.load(F + g0 + rt)[:, None] * _mm(q, tl.trans(Ss), PREC)
          - _mm(A.to(q.dtype), E.to(q.dtype), PREC))  # (BT, BV): A as stored, E rounded like it
-    _rstore(Y, qrow, qok, rv, DV, DV, y)
+    _rstore(Y, q0, qr, qok, rv, DV, DV, y)
 
 
 @triton.autotune(configs=_SEQ_CONFIGS, key=["BT", "BL", "BK", "DV", "BH"], **_CACHE)
@@ -255,32 +274,32 @@ def _bwd_state(Q, K, V, AS, P, F, GL, CS, LAST, REF, QSTART, QLEN, MS, DY, DMOUT
         dMb, dSb = dM.to(DME.dtype.element_ty), dS.to(DSE.dtype.element_ty)  # the stored copies
         tl.store(DME + o + st, dMb, mask=sm)
         tl.store(DSE + o + st, dSb, mask=sm)
-        qrow, qok = _qrows(QSTART, QLEN, b, s, rt, T, H, h)
-        prow = ((b * NSC + s) * BL + rl) * H + h  # the key rows in the padded (B, NSC, BL, H, D) layout
+        q0, qr, qok = _qrows(QSTART, QLEN, b, s, rt, T, H, h)
+        p0 = (b * NSC + s) * BL * H + h  # the key rows in the padded (B, NSC, BL, H, D) layout: p0 + kr
         # every product in q's dtype, the carried cotangents' too (their stored copies, which
         # _bwd_k reads): bf16 at the tensor cores' full rate, k never widened to float32
-        krow, kok = _krows(QSTART, QLEN, b, s, rl, T, W1, H, h)
-        q, k = _rraw(Q, qrow, qok, rk, DK, DK), _rraw(K, krow, kok, rk, DK, DK)  # (BT, BK), (BL, BK)
+        k0, kr, kok = _krows(QSTART, QLEN, b, s, rl, T, W1, H, h)
+        q, k = _rraw(Q, q0, qr, qok, rk, DK, DK), _rraw(K, k0, kr, kok, rk, DK, DK)  # (BT, BK), (BL, BK)
         # value rows first, like dM (as in _fwd_state): each product's result feeds the next as it
         # sits in registers, with no transpose through shared memory on the loop's path
-        dyt = _rawT(DY, qrow, qok, rv, DV, DV)  # (BV, BT) = dY^T, zero on padded rows
-        g = (bh * NSC + s) * BT + rt
+        dyt = _rawT(DY, q0, qr, qok, rv, DV, DV)  # (BV, BT) = dY^T, zero on padded rows
+        g0 = (bh * NSC + s) * BT
         # A = G * Q K^T as _fwd_out stored it, in q's dtype: its (BT, BL, Dk) product, the largest
         # of an iteration, is not on the loop's path
-        A = tl.load(AS + g[:, None] * BL + rl[None, :])  # (BT, BL), in q's dtype
-        gk = (bh * NSC + s) * BL + rl
+        A = tl.load(_at(AS, g0, rt, rl, BL))  # (BT, BL), in q's dtype
+        gk = (bh * NSC + s) * BL
         dEt = (-_mm(dyt, A, PREC)
-               - tl.load(GL + gk)[None, :] * _mm(dMb.to(k.dtype), tl.trans(k), PREC)
-               - tl.load(CS + gk)[None, :] * _mm(dSb.to(k.dtype), tl.trans(k), PREC))  # (BV, BL) = dE^T
+               - tl.load(GL + gk + rl)[None, :] * _mm(dMb.to(k.dtype), tl.trans(k), PREC)
+               - tl.load(CS + gk + rl)[None, :] * _mm(dSb.to(k.dtype), tl.trans(k), PREC))  # (BV, BL) = dE^T
         if HUBER:  # clamp passes the cotangent only where the error was inside [-delta, delta]
             Mr = _state(MS, (bh * NSC + tl.load(REF + s)) * DV * DK, rv, rk, DV, DK)
-            E0t = _mm(Mr, tl.trans(k), PREC) - _rawT(V, krow, kok, rv, DV, DV).to(tl.float32)
+            E0t = _mm(Mr, tl.trans(k), PREC) - _rawT(V, k0, kr, kok, rv, DV, DV).to(tl.float32)
             dEt = tl.where(tl.abs(E0t) <= delta, dEt, 0.0)
-        _storeT(DVB, prow, rv, DV, DV, -dEt)
+        _storeT(DVB, p0, kr, rv, DV, DV, -dEt)
         lo = (bh * NSC + s) * 3
         pl, fl, pel = tl.load(LAST + lo), tl.load(LAST + lo + 1), tl.load(LAST + lo + 2)
-        dM_prev = pl * dM + _mm((dyt * tl.load(P + g)[None, :]).to(q.dtype), q, PREC)
-        dS = fl * dM + pel * dS + _mm((dyt * tl.load(F + g)[None, :]).to(q.dtype), q, PREC)
+        dM_prev = pl * dM + _mm((dyt * tl.load(P + g0 + rt)[None, :]).to(q.dtype), q, PREC)
+        dS = fl * dM + pel * dS + _mm((dyt * tl.load(F + g0 + rt)[None, :]).to(q.dtype), q, PREC)
         through_E = _mm(dEt.to(k.dtype), k, PREC)  # (BV, BK)
         if BIG:  # errors read the chunk-start M: collect, and hand over where that chunk starts
             dMr += through_E
@@ -304,32 +323,32 @@ def _bwd_q(Q, K, ES, G, P, F, QSTART, QLEN, MS, SS, DY, DQ, DG, DA, DP, DF, NSC,
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     rk, rl, rt = tl.arange(0, BK), tl.arange(0, BL), tl.arange(0, BT)
-    qrow, qok = _qrows(QSTART, QLEN, b, s, rt, T, H, h)
-    krow, kok = _krows(QSTART, QLEN, b, s, rl, T, W1, H, h)
-    q, k = _rraw(Q, qrow, qok, rk, DK, DK), _rraw(K, krow, kok, rk, DK, DK)  # (BT, BK), (BL, BK)
-    g = (bh * NSC + s) * BT + rt
-    p, f = tl.load(P + g), tl.load(F + g)  # (BT,)
+    q0, qr, qok = _qrows(QSTART, QLEN, b, s, rt, T, H, h)
+    k0, kr, kok = _krows(QSTART, QLEN, b, s, rl, T, W1, H, h)
+    q, k = _rraw(Q, q0, qr, qok, rk, DK, DK), _rraw(K, k0, kr, kok, rk, DK, DK)  # (BT, BK), (BL, BK)
+    g0 = (bh * NSC + s) * BT  # rows g0 + rt of the per-sub-chunk-row tensors
+    p, f = tl.load(P + g0 + rt), tl.load(F + g0 + rt)  # (BT,)
     dq = tl.zeros([BT, BK], dtype=tl.float32)
     dyE = tl.zeros([BT, BL], dtype=tl.float32)  # dY E^T, summed over Dv
     dp, df = tl.zeros([BT], dtype=tl.float32), tl.zeros([BT], dtype=tl.float32)
-    o, eg = (bh * NSC + s) * DV * DK, (bh * NSC + s) * BL + rl
+    o = (bh * NSC + s) * DV * DK
     for v0 in range(0, DV, BV):
         rv = v0 + tl.arange(0, BV)
         Ms, Ss = _state(MS, o, rv, rk, DV, DK), _state(SS, o, rv, rk, DV, DK)  # (BV, BK), q's dtype
-        dyr = _rraw(DY, qrow, qok, rv, DV, DV)  # (BT, BV), zero on padded rows, in dy's dtype
+        dyr = _rraw(DY, q0, qr, qok, rv, DV, DV)  # (BT, BV), zero on padded rows, in dy's dtype
         dy = dyr.to(tl.float32)
-        E = _rraw(ES, eg, rl < BL, rv, DV, DV)  # (BL, BV) as _fwd_state stored it
+        E = _rraw(ES, (bh * NSC + s) * BL, rl, rl < BL, rv, DV, DV)  # (BL, BV) as _fwd_state stored it
         dyE += _mm(dyr, tl.trans(E.to(dyr.dtype)), PREC)
         dp += tl.sum(dy * _mm(q, tl.trans(Ms), PREC), 1)
         df += tl.sum(dy * _mm(q, tl.trans(Ss), PREC), 1)
         dq += _mm((p[:, None] * dy).to(Ms.dtype), Ms, PREC) + _mm((f[:, None] * dy).to(Ss.dtype), Ss, PREC)
     A = _mm(q, tl.trans(k), PREC)  # (BT, BL)
-    dA = -_tile(G, g, rl, BL, BL) * dyE
-    _store(DG, g, rl, BL, BL, -A * dyE)
-    _store(DA, g, rl, BL, BL, dA)
-    _rstore(DQ, qrow, qok, rk, DK, DK, dq + _mm(dA.to(k.dtype), k, PREC))
-    tl.store(DP + g, dp)
-    tl.store(DF + g, df)
+    dA = -_tile(G, g0, rt, rl, BL, BL) * dyE
+    _store(DG, g0, rt, rl, BL, BL, -A * dyE)
+    _store(DA, g0, rt, rl, BL, BL, dA)
+    _rstore(DQ, q0, qr, qok, rk, DK, DK, dq + _mm(dA.to(k.dtype), k, PREC))
+    tl.store(DP + g0 + rt, dp)
+    tl.store(DF + g0 + rt, df)
 
 
 @triton.autotune(configs=_configs([32, 64], [4, 8], (1, 2, 3)), key=["BT", "BL", "BK", "DV"], **_CACHE)
@@ -342,11 +361,11 @@ def _bwd_k(Q, K, ES, GL, CS, REF, QSTART, QLEN, MS, SS, DME, DSE, DVB, DA, DKK, 
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     rk, rl, rt = tl.arange(0, BK), tl.arange(0, BL), tl.arange(0, BT)
-    krow, kok = _krows(QSTART, QLEN, b, s, rl, T, W1, H, h)
-    prow = ((b * NSC + s) * BL + rl) * H + h  # the same rows in the padded (B, NSC, BL, H, D) layout
-    k = _rraw(K, krow, kok, rk, DK, DK)  # (BL, BK)
-    gk = (bh * NSC + s) * BL + rl
-    gl, cs = tl.load(GL + gk), tl.load(CS + gk)  # (BL,)
+    k0, kr, kok = _krows(QSTART, QLEN, b, s, rl, T, W1, H, h)
+    p0 = (b * NSC + s) * BL * H + h  # the same rows in the padded (B, NSC, BL, H, D) layout: p0 + kr
+    k = _rraw(K, k0, kr, kok, rk, DK, DK)  # (BL, BK)
+    gk = (bh * NSC + s) * BL  # rows gk + rl of the per-key-row tensors
+    gl, cs = tl.load(GL + gk + rl), tl.load(CS + gk + rl)  # (BL,)
     dk = tl.zeros([BL, BK], dtype=tl.float32)
     dgl, dcs = tl.zeros([BL], dtype=tl.float32), tl.zeros([BL], dtype=tl.float32)
     dpl, dfl, dpel = tl.zeros([BK], dtype=tl.float32), tl.zeros([BK], dtype=tl.float32), tl.zeros([BK], dtype=tl.float32)
@@ -359,18 +378,18 @@ def _bwd_k(Q, K, ES, GL, CS, REF, QSTART, QLEN, MS, SS, DME, DSE, DVB, DA, DKK, 
         dpl += tl.sum(dMe.to(tl.float32) * Ms, 0)  # M' = pl Ms + fl Ss + ...,  S' = pel Ss + ...
         dfl += tl.sum(dMe.to(tl.float32) * Ss, 0)
         dpel += tl.sum(dSe.to(tl.float32) * Ss, 0)
-        dE = -_tile(DVB, prow, rv, DV, DV)  # (BL, BV) error cotangent, masked by Huber already
-        E = _rraw(ES, (bh * NSC + s) * BL + rl, rl < BL, rv, DV, DV).to(tl.float32)  # (BL, BV), as stored
+        dE = -_tile(DVB, p0, kr, rv, DV, DV)  # (BL, BV) error cotangent, masked by Huber already
+        E = _rraw(ES, (bh * NSC + s) * BL, rl, rl < BL, rv, DV, DV).to(tl.float32)  # (BL, BV), as stored
         dgl -= tl.sum(E * _mm(k, tl.trans(dMe), PREC), 1)
         dcs -= tl.sum(E * _mm(k, tl.trans(dSe), PREC), 1)
         dk += (_mm(dE.to(Mr.dtype), Mr, PREC) - _mm((gl[:, None] * E).to(dMe.dtype), dMe, PREC)
                - _mm((cs[:, None] * E).to(dSe.dtype), dSe, PREC))
-    qrow, qok = _qrows(QSTART, QLEN, b, s, rt, T, H, h)
-    dA = _tile(DA, (bh * NSC + s) * BT + rt, rl, BL, BL)  # (BT, BL)
-    q = _rraw(Q, qrow, qok, rk, DK, DK)
-    _store(DKK, prow, rk, DK, DK, dk + _mm(tl.trans(dA.to(q.dtype)), q, PREC))
-    tl.store(DGL + gk, dgl)
-    tl.store(DCS + gk, dcs)
+    q0, qr, qok = _qrows(QSTART, QLEN, b, s, rt, T, H, h)
+    dA = _tile(DA, (bh * NSC + s) * BT, rt, rl, BL, BL)  # (BT, BL)
+    q = _rraw(Q, q0, qr, qok, rk, DK, DK)
+    _store(DKK, p0, kr, rk, DK, DK, dk + _mm(tl.trans(dA.to(q.dtype)), q, PREC))
+    tl.store(DGL + gk + rl, dgl)
+    tl.store(DCS + gk + rl, dcs)
     lo = (bh * NSC + s) * 3
     tl.store(DLAST + lo, tl.sum(dpl, 0))
     tl.store(DLAST + lo + 1, tl.sum(dfl, 0))
