@@ -49,6 +49,10 @@ class MemoryConfig:
     # the loss, only the read (q) did. True reproduces that (experiments/memory_use); False (the
     # default) is the Titans outer loop, which learns what to write
     detach_writes: bool = False
+    # the seed's read: every token read the memory after the call's last write, future tokens of the
+    # call included (non-causal inside a call: its reads saw what came later). True reproduces that
+    # (experiments/memory_use); False (the default) reads causally, each chunk before its own write
+    read_after_write: bool = False
     impl: Literal["reference", "chunked", "triton"] = "chunked"
 
 

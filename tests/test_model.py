@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from atlas.config import load_config
+from atlas.memory.state import apply_poly
 from atlas.memory.stats import STAT_NAMES, memory_stats
 from atlas.model import AtlasLM
 from atlas.model.decode import StaticDecoder, _cast_linears
@@ -158,6 +159,29 @@ def test_detached_writes_compute_the_same_and_train_only_the_read():
         else:
             assert layer.w_gates.weight.grad.any() and layer.w_qkv.weight.grad[q_rows:].any()
     assert torch.equal(outs[False], outs[True])
+
+
+def test_read_after_write_reads_the_calls_last_memory(monkeypatch):
+    """model.memory.read_after_write (the seed's read): every token reads the memory after the call's
+    last write, so the first token's output moves with the last token (causal attention cannot do
+    that); by default it does not."""
+    idx = torch.randint(0, 97, (2, 11))
+    later = idx.clone()
+    later[:, -1] = (later[:, -1] + 1) % 97
+    for on in (False, True):
+        m = make(f"model.memory.read_after_write={on}")
+        with torch.no_grad():
+            first, changed = m(idx)[0][:, 0], m(later)[0][:, 0]
+        assert torch.equal(first, changed) != on
+    # the read itself: phi(q) M^T, with M the state the call hands on
+    import atlas.memory.layer as layer_module
+    seen = []
+    monkeypatch.setattr(layer_module, "apply_poly", lambda q, poly: seen.append(q) or apply_poly(q, poly))
+    layer = m.blocks[0].memory
+    x = torch.randn(2, 11, layer.w_qkv.in_features, dtype=torch.float64)
+    y, state = layer(x)
+    read = torch.einsum("bthk,bhvk->bthv", apply_poly(seen[-1], layer.poly), state.memory.M)
+    torch.testing.assert_close(y, layer.w_out(layer.out_norm(read).reshape(2, 11, -1)))
 
 
 def test_memory_ablations_and_aux_loss():

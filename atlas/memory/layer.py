@@ -11,7 +11,7 @@ from ..config import MemoryConfig
 from .chunked import log_gates
 from .conv import conv_silu
 from .scan import memory_scan
-from .state import MemoryState, clamp_norm, last_rows, newton_schulz5
+from .state import MemoryState, apply_poly, clamp_norm, last_rows, newton_schulz5
 from .step import Running, memory_step
 
 
@@ -99,6 +99,9 @@ class MemoryLayer(nn.Module):
             y, new_state = self._step(ins, state)  # y (B, 1, H, Dv)
         else:
             y, new_state = self._scan(ins, state)  # y (B, T, H, Dv)
+        if c.read_after_write:  # the seed's read: the memory after this call's last write, for every token
+            dt = torch.promote_types(q.dtype, torch.float32)
+            y = torch.einsum("bthk,bhvk->bthv", apply_poly(q.to(dt), self.poly), new_state.memory.M.to(dt))
         # per-head norm (in float32: with a float32 weight and bf16 input RMSNorm takes a slow
         # unfused path), then heads side by side
         y = self.out_norm(y.float()).to(x.dtype).reshape(B, T, H * Dv)

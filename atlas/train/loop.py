@@ -77,6 +77,9 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
     # the seed's failure modes, on purpose (experiments/memory_use/README.md)
     if cfg.model.memory.detach_writes:
         log.line("note: model.memory.detach_writes is on: the loss does not train what the memory writes (the seed's)")
+    if cfg.model.memory.read_after_write:
+        log.line("note: model.memory.read_after_write is on: every token reads the memory after its call's last write,"
+                 " future tokens included (the seed's; not causal)")
     if t.carry_memory:
         log.line(f"note: train.carry_memory={t.carry_memory}: each batch starts from the last one's memory (the seed's)")
     if t.compile:
