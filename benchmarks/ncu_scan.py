@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import sys
 
 import torch
 
@@ -34,13 +35,19 @@ from atlas.timing import gpu
 
 def stalls(path: str, top: int = 12) -> None:
     """Print the stall samples of ncu's source page (CSV) by reason, by opcode and by instruction."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    at = next(i for i, r in enumerate(rows) if r[:1] == ["Address"])  # past ncu's and the script's log lines
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except OSError as e:
+        sys.exit(f"ncu_scan.py --stalls: cannot read {path}: {e.strerror}")
+    at = next((i for i, r in enumerate(rows) if r[:1] == ["Address"]), None)  # past ncu's and the script's log lines
+    if at is None or "Warp Stall Sampling (All Samples)" not in rows[at]:
+        sys.exit(f"ncu_scan.py --stalls: {path} holds no source page with stall samples: make it with the "
+                 "ncu command in this script's docstring (--section SourceCounters --page source --csv)")
     head, rows = rows[at], [r for r in rows[at + 1:] if len(r) == len(rows[at])]
     col = {h: i for i, h in enumerate(head)}
     num = lambda r, h: float(r[col[h]] or 0)  # noqa: E731
-    total = sum(num(r, "Warp Stall Sampling (All Samples)") for r in rows)
+    total = sum(num(r, "Warp Stall Sampling (All Samples)") for r in rows) or 1.0  # none sampled: shares of 0
     reasons = [h for h in head if h.startswith("stall_") and not h.endswith("(Not Issued)")]
     print(f"{path}: {int(total)} samples over {len(rows)} instructions")
     for h in sorted(reasons, key=lambda h: -sum(num(r, h) for r in rows)):

@@ -74,6 +74,28 @@ def test_gpu_scripts_without_a_gpu_say_one_line(tmp_path):
         assert not out.exists()
 
 
+def test_ncu_stalls_summarises_a_source_page(tmp_path):
+    """benchmarks/ncu_scan.py --stalls: ncu's source page (log lines, then a CSV) by stall reason,
+    by opcode and by instruction; anything else is one line and exit 1."""
+    root = Path(__file__).resolve().parents[1]
+    page = tmp_path / "page.csv"
+    head = ["Address", "Source", "Warp Stall Sampling (All Samples)", "stall_wait", "stall_short_sb",
+            "stall_wait (Not Issued)"]
+    rows = [["0x10", "HMMA.16816.F32.BF16 R1, R2, R3, RZ", "6", "1", "5", "0"],
+            ["0x20", "@P2 STG.E.128 desc[UR4][R6.64], R8", "3", "3", "0", "0"],
+            ["0x30", "IMAD R1, R2, R3, RZ", "1", "1", "0", "0"]]
+    page.write_text("==PROF== Connected to process 1\n" + "\n".join(",".join(f'"{c}"' for c in r) for r in [head] + rows))
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "ncu_scan.py"), "--stalls", str(page)],
+                       capture_output=True, text=True, cwd=root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "10 samples over 3 instructions" in r.stdout
+    assert re.search(r"short_sb\s+50.0%", r.stdout) and re.search(r"wait\s+50.0%", r.stdout)
+    assert "by opcode: HMMA 60.0%, STG 30.0%, IMAD 10.0%" in r.stdout  # STG past its predicate
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "ncu_scan.py"), "--stalls", str(root / "README.md")],
+                       capture_output=True, text=True, cwd=root)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "no source page" in r.stderr
+
+
 def test_ab_script_prepares_copies_and_refuses_unknown_modes(tmp_path):
     """benchmarks/ab.sh: `prepare` puts a branch's atlas/, benchmarks/, tests/ in a folder of its
     own; a mode it does not know is one line and exit 2."""
