@@ -20,11 +20,13 @@ import subprocess
 import sys
 import tempfile
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+# compile the kernels (the CPU tests interpret them): unset before Triton is imported, which
+# decorates its own library's functions by it (interpreted ones failed a compile in one CI run)
+os.environ.pop("TRITON_INTERPRET", None)
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
 
-os.environ.pop("TRITON_INTERPRET", None)  # compile the kernels (the CPU tests interpret them), before they are defined
 from scan_kernels import ints  # noqa: E402  (benchmarks/, this script's folder)
 
 from atlas.memory import triton_kernels as kern  # noqa: E402
