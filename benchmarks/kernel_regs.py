@@ -5,6 +5,12 @@ here before spending GPU time on a kernel change.
 
     python3 benchmarks/kernel_regs.py                         # every kernel, BV 16/32/64, 4 and 8 warps
     python3 benchmarks/kernel_regs.py --kernels _bwd_k --bv 32 --shape 64,64,128,128
+    python3 benchmarks/kernel_regs.py --kernels _fwd_state,_bwd_state --bv 8 --warps 4 --loop
+
+--loop also counts the instructions of each kernel's longest loop (the sequential passes' walk over
+sub-chunks): all of them, the integer ones that compute addresses (IMAD, IADD3, LEA), barriers and
+tensor-core products. Another checkout's kernels: PYTHONPATH=that/checkout (this script reads
+atlas.memory.triton_kernels from the path).
 
 Shapes are the kernels' constexprs BT,BL,BK,DV (default: the layer's chunk 64 with 128-wide heads);
 pointers are taken 16-byte aligned and DK, DV, W1 divisible by 16, as a launch specialises them.
@@ -55,14 +61,34 @@ def source(fn, consts: dict) -> ASTSource:
     return ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
 
 
-def usage(cubin: bytes) -> str:
+def cuobjdump(cubin: bytes, flag: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "--dump-resource-usage", f.name],
-                             capture_output=True, text=True, check=True).stdout
+        return subprocess.run([os.path.join(TOOLS, "cuobjdump"), flag, f.name],
+                              capture_output=True, text=True, check=True).stdout
+
+
+def usage(cubin: bytes) -> str:
+    out = cuobjdump(cubin, "--dump-resource-usage")
     m = re.search(r"REG:(\d+) STACK:(\d+)", out)
     return f"{m.group(1)} registers, {m.group(2)} bytes of stack" if m else out.strip()[-200:]
+
+
+def loop(cubin: bytes) -> str:
+    """Opcode counts of the longest loop in the SASS: from a backward branch's target to it."""
+    lines = cuobjdump(cubin, "--dump-sass").splitlines()
+    at = {int(m.group(1), 16): i for i, m in ((i, re.search(r"/\*([0-9a-f]{4,})\*/", x)) for i, x in enumerate(lines)) if m}
+    spans = [(at[t], i) for i, x in enumerate(lines) for m in [re.search(r"@!?P\d BRA 0x([0-9a-f]+)", x)]
+             if m and (t := int(m.group(1), 16)) in at and at[t] < i]
+    if not spans:
+        return "no loop"
+    lo, hi = max(spans, key=lambda s: s[1] - s[0])
+    ops = [re.sub(r"^.*?\*/\s+(@!?U?P\w+\s+)?", "", x).split()[0].split(".")[0]
+           for x in lines[lo:hi + 1] if re.search(r"/\*[0-9a-f]{4,}\*/\s+\S", x)]
+    n = lambda *o: sum(op in o for op in ops)  # noqa: E731
+    return (f"loop {len(ops)} instructions ({n('IMAD', 'IADD3', 'LEA')} IMAD/IADD3/LEA, {n('BAR')} barriers, "
+            f"{n('HMMA')} HMMA)")
 
 
 def main() -> None:
@@ -71,6 +97,7 @@ def main() -> None:
     ap.add_argument("--bv", default="16,32,64", type=ints, help="value-row blocks to compile")
     ap.add_argument("--warps", default="4,8", type=ints)
     ap.add_argument("--shape", default="64,64,128,128", type=ints, help="BT,BL,BK,DV")
+    ap.add_argument("--loop", action="store_true", help="also count the instructions of the longest loop")
     a = ap.parse_args()
     if len(a.shape) != 4:
         ap.error(f"--shape: want four numbers BT,BL,BK,DV, got {len(a.shape)}")
@@ -92,7 +119,8 @@ def main() -> None:
                 print(f"{name} BV={bv} warps={warps}: does not compile ({str(e).strip()[:100]})")
                 continue
             print(f"{name} BV={bv} warps={warps}: {usage(c.asm['cubin'])}, "
-                  f"{c.metadata.shared / 1024:.0f} KiB shared", flush=True)
+                  f"{c.metadata.shared / 1024:.0f} KiB shared" + (f"; {loop(c.asm['cubin'])}" if a.loop else ""),
+                  flush=True)
 
 
 if __name__ == "__main__":

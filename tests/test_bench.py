@@ -55,6 +55,13 @@ def test_kernel_regs_compiles_for_an_h100_without_one():
                        env={**os.environ, "PYTHONPATH": str(root)})
     assert r.returncode == 0, r.stderr[-2000:]
     assert re.search(r"^_fwd_out BV=32 warps=4: \d+ registers, \d+ bytes of stack, \d+ KiB shared$", r.stdout, re.M)
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "kernel_regs.py"), "--kernels", "_fwd_state",
+                        "--bv", "8", "--warps", "4", "--loop"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = re.search(r"^_fwd_state BV=8 warps=4: .*; loop (\d+) instructions \((\d+) IMAD/IADD3/LEA, \d+ barriers, "
+                  r"(\d+) HMMA\)$", r.stdout, re.M)
+    assert m and int(m.group(3)) > 0 and int(m.group(1)) > int(m.group(2)) + int(m.group(3))  # the walk's products
 
 
 def test_gpu_scripts_without_a_gpu_say_one_line(tmp_path):

@@ -80,8 +80,9 @@ _ANY_BH = _ANY_T + ["BH"]  # the sequential passes': B*H is in their autotune ke
 # Tiles are addressed as rows r0 + rr of a row-major matrix with row stride ld: r0 a scalar (int64:
 # the tensors pass 2^31 elements), rr the rows' offsets from it (int32, the same for every
 # sub-chunk). Each tile's address then costs one 64-bit scalar and a loop-invariant int32 tile;
-# rows computed per element in int64 made ~1/3 of the sequential passes' instructions (gone:
-# _bwd_state 7% faster at B=1, T=32K; _fwd_state, which mostly waits, unchanged: benchmarks/README.md).
+# rows computed per element in int64 cost the sequential passes' loops 13-14% of their instructions
+# (benchmarks/kernel_regs.py --loop; _bwd_state 7% faster at B=1, T=32K, _fwd_state, which mostly
+# waits, unchanged: benchmarks/README.md).
 @triton.jit
 def _at(ptr, r0, rr, cols, ld):
     """Pointers to the (len(rr), len(cols)) tile at rows r0 + rr."""
