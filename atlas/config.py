@@ -53,6 +53,11 @@ class MemoryConfig:
     # call included (non-causal inside a call: its reads saw what came later). True reproduces that
     # (experiments/memory_use); False (the default) reads causally, each chunk before its own write
     read_after_write: bool = False
+    # what the memory reads and writes. "atlas": conv, SiLU and unit-norm q and k, phi elementwise
+    # (sum_i a_i x^i), the read RMS-normalised per head. "seed" (its code, to study its failure):
+    # raw linear q, k, v; phi = [a_0, a_1 x, ..., a_p x^p] concatenated, a constant block included
+    # (Dk (p+1) features); the read not normalised, so its size follows ||M|| and the projections
+    features: Literal["atlas", "seed"] = "atlas"
     impl: Literal["reference", "chunked", "triton"] = "chunked"
 
 
@@ -255,6 +260,8 @@ def validate(cfg: Config, src: str) -> Config:
         (mem.chunk_size >= 1, "model.memory.chunk_size must be >= 1"),
         (mem.poly_degree >= 0, "model.memory.poly_degree must be >= 0"),
         (mem.conv_size >= 0, "model.memory.conv_size must be >= 0"),
+        (mem.features == "atlas" or mem.conv_size == 0,
+         "model.memory.features=seed reads raw projections (no conv): set model.memory.conv_size=0"),
         (mem.max_norm is None or mem.max_norm > 0, "model.memory.max_norm must be > 0 or null"),
         (mem.huber_delta > 0, "model.memory.huber_delta must be > 0"),
         (mem.max_lr > 0 and 0 < mem.theta_init < mem.max_lr, "model.memory.theta_init must lie in (0, max_lr)"),

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from atlas.config import load_config
+from atlas.errors import UserError
 from atlas.memory.state import apply_poly
 from atlas.memory.stats import STAT_NAMES, memory_stats
 from atlas.model import AtlasLM
@@ -27,6 +28,7 @@ VARIANTS = [
     ["model.memory.rule=gd", "model.memory.bias=huber", "model.memory.poly_degree=0", "model.memory.conv_size=0",
      "model.gate.kind=branches"],
     ["model.memory.max_norm=0.02", "model.tie_embeddings=false", "model.gate.floor=0.2"],  # 0.02: the clamp acts
+    ["model.memory.features=seed", "model.memory.conv_size=0", "model.gate.branch_norm=none"],
     ["model.memory.enabled=false"],
 ]
 
@@ -182,6 +184,33 @@ def test_read_after_write_reads_the_calls_last_memory(monkeypatch):
     y, state = layer(x)
     read = torch.einsum("bthk,bhvk->bthv", apply_poly(seen[-1], layer.poly), state.memory.M)
     torch.testing.assert_close(y, layer.w_out(layer.out_norm(read).reshape(2, 11, -1)))
+
+
+def test_seed_features_are_powers_side_by_side_and_the_read_unnormalised():
+    """model.memory.features=seed: raw projections, phi = [a_0, a_1 x, a_2 x^2] concatenated (the
+    memory is Dv x 3 Dk per head), and the read goes to w_out without a norm."""
+    from atlas.memory.scan import memory_scan
+    m = make("model.memory.features=seed", "model.memory.conv_size=0", "model.memory.detach_writes=true")
+    layer, c = m.blocks[1].memory, m.cfg.memory
+    with torch.no_grad():
+        layer.seed_phi.copy_(torch.tensor([0.7, -1.3, 0.4]))  # not the init, so each power is checked
+    B, T, H, Dk, Dv = 2, 11, layer.H, layer.Dk, layer.Dv
+    x = torch.randn(B, T, layer.w_qkv.in_features, dtype=torch.float64)
+    y, state = layer(x)
+    q, k, v = layer.w_qkv(x).split([H * Dk, H * Dk, H * Dv], dim=-1)
+    phi = lambda t: torch.cat([0.7 * torch.ones_like(t), -1.3 * t, 0.4 * t * t], -1)  # (B, T, H, 3 Dk)
+    alpha, eta, theta, gamma = torch.sigmoid(layer.w_gates(x)).view(B, T, H, 4).unbind(-1)
+    ref, ref_state = memory_scan(phi(q.view(B, T, H, Dk)), phi(k.view(B, T, H, Dk)), v.view(B, T, H, Dv), alpha, eta,
+                                 theta * c.max_lr, gamma, chunk_size=c.chunk_size, window=c.context_window,
+                                 impl="reference")
+    assert state.memory.M.shape == (B, H, Dv, 3 * Dk)
+    torch.testing.assert_close(state.memory.M, ref_state.M)
+    torch.testing.assert_close(y, layer.w_out(ref.reshape(B, T, H * Dv)))
+    y.sum().backward()  # only the read learns: q's rows and phi's coefficients, not k's or v's
+    assert layer.seed_phi.grad.abs().min() > 0 and layer.w_qkv.weight.grad[:H * Dk].any()
+    assert not layer.w_qkv.weight.grad[H * Dk:].any()
+    with pytest.raises(UserError, match="features=seed reads raw projections"):
+        load_config("tiny", SMALL + ["model.memory.features=seed"])
 
 
 def test_memory_ablations_and_aux_loss():

@@ -55,9 +55,11 @@ class MemoryLayer(nn.Module):
         self.conv = nn.Conv1d(qkv_dim, qkv_dim, cfg.conv_size, groups=qkv_dim, bias=False) if cfg.conv_size else None
         # gates alpha, eta, theta, gamma for each head, from the input
         self.w_gates = nn.Linear(d_model, 4 * self.H)
-        p = cfg.poly_degree
-        self.poly = nn.Parameter(torch.tensor([1 / math.factorial(i) for i in range(1, p + 1)])) if p else None
-        self.out_norm = nn.RMSNorm(self.Dv, eps=1e-5)
+        p, seed = cfg.poly_degree, cfg.features == "seed"
+        self.poly = nn.Parameter(torch.tensor([1 / math.factorial(i) for i in range(1, p + 1)])) if p and not seed else None
+        # the seed's phi: [a_0, a_1 x, ..., a_p x^p] side by side, applied before the scan (poly None there)
+        self.seed_phi = nn.Parameter(torch.tensor([1 / math.factorial(i) for i in range(p + 1)])) if seed else None
+        self.out_norm = None if seed else nn.RMSNorm(self.Dv, eps=1e-5)
         self.w_out = nn.Linear(cfg.d_value, d_model, bias=False)
         self.reset_gates()
 
@@ -74,6 +76,10 @@ class MemoryLayer(nn.Module):
         H, Dk, Dv, c = self.H, self.Dk, self.Dv, self.cfg
         qkv = self.w_qkv(x)  # (B, T, 2*H*Dk + H*Dv)
         conv_state, w, halo = None, None, None
+        if self.seed_phi is not None:  # the seed's features: raw q, k, v (no conv, SiLU or norm)
+            q, k, v = qkv.split([H * Dk, H * Dk, H * Dv], dim=-1)
+            q, k = (self._seed_features(t.view(B, T, H, Dk)) for t in (q, k))  # (B, T, H, Dk (p+1))
+            return self._memory(x, (q, k, v.view(B, T, H, Dv)), state, conv_state)
         if self.conv is not None:
             K = self.conv.kernel_size[0]
             halo = state.conv if state is not None else qkv.new_zeros(B, K - 1, qkv.shape[-1])
@@ -84,8 +90,21 @@ class MemoryLayer(nn.Module):
         # one pass of the conv's kernels
         qkv = conv_silu(qkv, w, halo, triton=self.impl == "triton", norm=(2 * H * Dk, Dk))
         q, k, v = qkv.split([H * Dk, H * Dk, H * Dv], dim=-1)
-        q, k, v = q.view(B, T, H, Dk), k.view(B, T, H, Dk), v.view(B, T, H, Dv)
+        return self._memory(x, (q.view(B, T, H, Dk), k.view(B, T, H, Dk), v.view(B, T, H, Dv)), state, conv_state)
 
+    def _seed_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., Dk) -> (..., Dk (p+1)): [a_0, a_1 x, ..., a_p x^p], the seed's polynomial features."""
+        powers = [torch.ones_like(x)]
+        for _ in range(len(self.seed_phi) - 1):
+            powers.append(powers[-1] * x)
+        return torch.cat([a * xp for a, xp in zip(self.seed_phi, powers)], dim=-1).to(x.dtype)
+
+    def _memory(self, x: torch.Tensor, qkv: tuple, state: MemoryLayerState | None, conv_state):
+        """The scan (or a decoding step) over q, k (B, T, H, Dk'), v (B, T, H, Dv) and the gates
+        from x; returns the output (B, T, d_model) and the state to continue from."""
+        B, T, _ = x.shape
+        H, c = self.H, self.cfg
+        q, k, v = qkv
         gate_dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 logits would quantise the decays
         gates = torch.sigmoid(self.w_gates(x).to(gate_dtype)).view(B, T, H, 4)  # (B, T, H, 4)
         alpha, eta, theta, gamma = gates.unbind(-1)
@@ -104,7 +123,9 @@ class MemoryLayer(nn.Module):
             y = torch.einsum("bthk,bhvk->bthv", apply_poly(q.to(dt), self.poly), new_state.memory.M.to(dt))
         # per-head norm (in float32: with a float32 weight and bf16 input RMSNorm takes a slow
         # unfused path), then heads side by side
-        y = self.out_norm(y.float()).to(x.dtype).reshape(B, T, H * Dv)
+        if self.out_norm is not None:
+            y = self.out_norm(y.float())
+        y = y.to(x.dtype).reshape(B, T, H * self.Dv)
         new_state.conv = conv_state
         return self.w_out(y), new_state
 

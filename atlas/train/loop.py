@@ -80,6 +80,9 @@ def train(cfg: Config, run_dir: Path, resume_ckpt: Path | None = None) -> Path:
     if cfg.model.memory.read_after_write:
         log.line("note: model.memory.read_after_write is on: every token reads the memory after its call's last write,"
                  " future tokens included (the seed's; not causal)")
+    if cfg.model.memory.features == "seed":
+        log.line("note: model.memory.features=seed: raw q, k, v, phi's powers side by side with a constant block,"
+                 " the read not normalised (the seed's)")
     if t.carry_memory:
         log.line(f"note: train.carry_memory={t.carry_memory}: each batch starts from the last one's memory (the seed's)")
     if t.compile:
