@@ -101,6 +101,10 @@ def test_backward_and_bf16_forward():
 
 def test_stats_names_and_values():
     m = make("model.gate.init=0.3")
+    seen = {}  # the branches as mixed: block i's normed memory and attention outputs
+    for i, b in enumerate(m.blocks):
+        for name in ("norm_mem", "norm_attn"):
+            getattr(b, name).register_forward_hook(lambda mod, args, out, key=(i, name): seen.__setitem__(key, out))
     _, state = m(torch.randint(0, 97, (2, 17)))
     stats = memory_stats(m, state)
     assert tuple(stats) == STAT_NAMES
@@ -109,6 +113,18 @@ def test_stats_names_and_values():
     M = state[0].memory.memory.M
     assert stats["M_norm"][0] == pytest.approx(M.norm(dim=(-2, -1)).mean().item(), rel=1e-5)
     assert 1.0 <= stats["M_eff_rank"][0] <= M.shape[-1]
+    for i in range(2):
+        mem, attn = 0.3 * seen[i, "norm_mem"].norm(), 0.7 * seen[i, "norm_attn"].norm()
+        assert stats["mem_share"][i] == pytest.approx((mem / (mem + attn)).item(), rel=1e-6)
+    # unnormalised, the memory's output projection moves its share behind an unmoved gate
+    m = make("model.gate.init=0.3", "model.gate.branch_norm=none")
+    idx = torch.randint(0, 97, (2, 17))
+    before = memory_stats(m, m(idx)[1])
+    with torch.no_grad():
+        m.blocks[0].memory.w_out.weight.mul_(100)
+    after = memory_stats(m, m(idx)[1])
+    assert before["gate"] == after["gate"] == pytest.approx([0.3, 0.3])
+    assert before["mem_share"][0] < 0.5 and 0.9 < after["mem_share"][0] < 1
 
 
 def test_effective_rank_of_known_matrices():

@@ -2,7 +2,9 @@
 
 Names follow the seed report: gate, M_norm, M_std, M_max, M_mean, S_norm; plus M_eff_rank,
 the effective rank of M (exp of the entropy of its normalised singular values, Roy & Vetterli
-2007): 1 for a rank-one memory, Dk for one that uses every direction equally.
+2007): 1 for a rank-one memory, Dk for one that uses every direction equally; and mem_share,
+the memory's share of what the block adds, ||g m|| / (||g m|| + ||(1 - g) a||): the gate alone
+says that only when both branches are normalised (model.gate.branch_norm=rms).
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import math
 
 import torch
 
-STAT_NAMES = ("gate", "M_norm", "M_std", "M_max", "M_mean", "S_norm", "M_eff_rank")
+STAT_NAMES = ("gate", "M_norm", "M_std", "M_max", "M_mean", "S_norm", "M_eff_rank", "mem_share")
 
 
 def effective_rank(M: torch.Tensor) -> torch.Tensor:
@@ -33,6 +35,7 @@ def memory_stats(model, state) -> dict[str, list[float]]:
             block.last_gate.float() if block.last_gate is not None else torch.tensor(float("nan")),
             M.norm(dim=(-2, -1)).mean(), M.std(), M.abs().max(), M.mean(),
             S.norm(dim=(-2, -1)).mean(), effective_rank(M).mean(),
+            block.last_share.float() if block.last_share is not None else torch.tensor(float("nan")),
         ]).cpu())
     if not rows:
         return {}

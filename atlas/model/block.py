@@ -85,6 +85,7 @@ class Block(nn.Module):
         self.ablation: str | None = None
         self.gate_mean = None  # mean learned gate of the last forward (with grad, for the aux loss)
         self.last_gate = None  # the same, detached (reading it later costs no host sync now)
+        self.last_share = None  # the memory's share of the mix, ||g m|| / (||g m|| + ||(1 - g) a||), detached
 
     def forward(self, x: torch.Tensor, state: BlockState | None = None, gate_modes: torch.Tensor | None = None,
                 window: int | None = None):
@@ -110,6 +111,12 @@ class Block(nn.Module):
                 low = low.masked_fill(gate_modes == GateMode.STORAGE, c.storage_gate)
                 low = low.masked_fill(gate_modes == GateMode.RETRIEVAL, c.retrieval_floor)
                 g = torch.maximum(g, low[..., None].to(g.dtype))  # (B, T, 1) or (B, T, C)
-            a = g * m + (1 - g) * a
+            gm, ga = g * m, (1 - g) * a
+            # the gate is the memory's share only when both branches have one size: unnormalised,
+            # the memory's own output projection can shrink or grow it behind an unmoved gate
+            with torch.no_grad():
+                n_mem, n_attn = gm.float().norm(), ga.float().norm()
+                self.last_share = n_mem / (n_mem + n_attn).clamp_min(1e-30)
+            a = gm + ga
         h = x + a
         return h + self.mlp(self.norm_mlp(h)), BlockState(attn=kv, memory=mem_state)

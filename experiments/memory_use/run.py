@@ -124,7 +124,8 @@ def summarize(run: Path, wall_s: float) -> dict:
     return {"wall_s": wall_s, "loss": [[r["step"], r["loss"]] for r in steps],
             "gates": [[r["step"], r["gate"]] for r in stats],
             "M_norm": [[r["step"], r["M_norm"]] for r in stats],
-            "S_norm": [[r["step"], r["S_norm"]] for r in stats if "S_norm" in r], "final_val": val[-1] if val else None,
+            "S_norm": [[r["step"], r["S_norm"]] for r in stats if "S_norm" in r],
+            "mem_share": [[r["step"], r["mem_share"]] for r in stats if "mem_share" in r], "final_val": val[-1] if val else None,
             "tokens_per_s": steps[-1]["tokens_per_s"] if steps else None}
 
 
