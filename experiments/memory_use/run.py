@@ -32,21 +32,23 @@ LM_BASE = ["model.vocab_size=4096", "model.d_model=256", "model.n_layers=4", "mo
            "model.memory.theta_init=0.005",  # the default these runs had (now 0.001): pinned to reproduce parts/
            "train.warmup_steps=100", "train.log_every=25", "train.stats_every=25", "train.val_every=250",
            "train.val_batches=8", "train.sample_every=100000", "train.checkpoint_every=100000"]
-STEPS = int(os.environ.get("ATLAS_EXP_STEPS", 1000))
+STEPS = int(os.environ.get("ATLAS_EXP_STEPS", 3000))
 LM_RECIPES = {
     # the seed: full causal attention over the training length, scalar gate at 0.5, no floor,
-    # unnormalised branches, ||M|| clamped (50 for a 1024x1024 memory: the same RMS per entry is
-    # 50 * 128/1024 for our 128x128 heads), chunk = half the sequence, then 1/16 (its 2048 -> 256 of 4096),
-    # and a memory learning rate in the seed's regime: its M sat at the clamp from step 639 on while
-    # S_norm was ~3,000 (60x the clamp), i.e. each chunk's update dwarfed the ceiling (max_lr 1.0,
-    # theta 0.5, as MQAR's; the LM base rate 0.1 / 0.005 never reaches the clamp here)
-    # ... and the seed as its published code ran (github.com/r3d91ll/Todd_Atlas: src/model/omega_memory.py,
-    # src/training/ddp_trainer.py; experiments/memory_use/README.md): the memory wrote under no_grad
-    # (nothing learned what to write), its state was carried from batch to batch and reset every 5,000
-    # micro-batches, it kept 0.99 of M at each update (one per 16 tokens: a forget rate of 0.0006 a
-    # token), and the trainer gave the mixing gate 5x the LR
+    # unnormalised branches, ||M|| clamped (50 for the seed's 3072x1024 memory: the same RMS per
+    # entry is 6.25 for our 384x128 heads), chunk = half the sequence, then 1/16 (its 2048 -> 256
+    # of 4096), and the seed's memory as its published code ran it (github.com/r3d91ll/Todd_Atlas:
+    # src/model/omega_memory.py, src/training/ddp_trainer.py; experiments/memory_use/README.md):
+    # its features (raw q, k, v; phi = [1, x, x^2/2] side by side; the read not normalised), writes
+    # under no_grad (nothing learned what to write), its state carried from batch to batch and reset
+    # every 5,000 micro-batches, 0.99 of M kept at each update (one per 16 tokens: a forget rate of
+    # 0.0006 a token), the mixing gate at 5x the LR; and the seed's memory regime: M at the clamp
+    # from its first log on while S_norm was 12-68x the clamp (600-3,400 against 50). Here theta
+    # 0.0125 puts S_norm at 30-70x the clamp (0.5, the rate of the earlier runs on Atlas's
+    # features, put it at ~1,600x: README, "The seed's features")
     "seed": ["model.attn_window=null", "model.gate.init=0.5", "model.gate.floor=0.0", "model.gate.branch_norm=none",
-             "model.memory.max_norm=6.25", "model.memory.max_lr=1.0", "model.memory.theta_init=0.5",
+             "model.memory.max_norm=6.25", "model.memory.max_lr=1.0", "model.memory.theta_init=0.0125",
+             "model.memory.features=seed", "model.memory.conv_size=0",
              "model.memory.detach_writes=true", "train.carry_memory=5000", "model.memory.alpha_init=0.0006",
              "train.gate_lr_mult=5", f"train.stages=[{{steps: {STEPS * 9 // 10}, chunk_size: 256}}, "
              f"{{steps: {STEPS // 10}, chunk_size: 32}}]"],
