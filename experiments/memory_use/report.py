@@ -47,10 +47,14 @@ def gate_travel(r: dict, init: float, gates: list[float]) -> dict:
 def recipe_row(r: dict, init: float | None) -> dict:
     final = r["final_val"]
     gates = r["gates"][-1][1] if r["gates"] else None
+    share = r["mem_share"][-1][1] if r.get("mem_share") else None  # parts from before it was logged: none
     return {"initial_gate": init, "final_gate_per_layer": gates,
             "mean_final_gate": sum(gates) / len(gates) if gates else None,
+            # ||g m|| / (||g m|| + ||(1-g) a||): the gate, unless the branches differ in size
+            "final_mem_share_per_layer": share,
             "gate_logit_travel": gate_travel(r, init, gates) if gates else None,
             "val_loss": final["val_loss"], "val_loss_memory_off": final.get("val_loss_memory_off"),
+            "val_loss_memory_shuffled": final.get("val_loss_memory_shuffled"), "steps": final["step"],
             "tokens_per_s": r["tokens_per_s"], "wall_s": r["wall_s"]}
 
 
@@ -109,14 +113,15 @@ def plot(parts: dict, out_dir: Path) -> list[str]:
         res = parts["lm"]["results"]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
         for ax, name in zip(axes, ("seed", "atlas")):
-            g = res[name]["gates"]
-            steps = [s for s, _ in g]
+            g, share = res[name]["gates"], res[name].get("mem_share") or []
             for layer in range(len(g[0][1])):
-                ax.plot(steps, [v[layer] for _, v in g], label=f"layer {layer}")
-            ax.set_title(f"{name}: mixing gate per layer")
+                line, = ax.plot([s for s, _ in g], [v[layer] for _, v in g], label=f"layer {layer}")
+                if share:
+                    ax.plot([s for s, _ in share], [v[layer] for _, v in share], color=line.get_color(), ls=":")
+            ax.set_title(f"{name}: gate (solid), memory share (dotted)")
             ax.set_xlabel("step")
             ax.axhline(0.5, color="grey", lw=0.5, ls="--")
-        axes[0].set_ylabel("gate (memory share)")
+        axes[0].set_ylabel("per layer")
         axes[1].legend()
         fig.tight_layout()
         fig.savefig(out_dir / "gates.png", dpi=110)
@@ -148,13 +153,18 @@ def plot(parts: dict, out_dir: Path) -> list[str]:
 
 
 def table(results: dict) -> str:
-    lines = ["| recipe | initial gate | final gate per layer | val loss | val loss, memory off | tokens/s |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| recipe | initial gate | final gate per layer (mean) | memory share per layer | val loss "
+             "| memory off | memory shuffled | tokens/s |", "|---|---|---|---|---|---|---|---|"]
+    per_layer = lambda xs: ", ".join(f"{x:.3f}" for x in xs) if xs else "–"
+    loss = lambda x: f"{x:.4f}" if x is not None else "–"
     for name, r in results.get("recipes", {}).items():
-        gates = ", ".join(f"{g:.3f}" for g in r["final_gate_per_layer"]) if r["final_gate_per_layer"] else "–"
-        off = f"{r['val_loss_memory_off']:.4f}" if r["val_loss_memory_off"] is not None else "–"
+        gates = per_layer(r["final_gate_per_layer"])
+        if r["mean_final_gate"] is not None:
+            gates += f" ({r['mean_final_gate']:.3f})"
         init = r["initial_gate"] if r["initial_gate"] is not None else "–"
-        lines.append(f"| {name} | {init} | {gates} | {r['val_loss']:.4f} | {off} | {r['tokens_per_s']:,.0f} |")
+        lines.append(f"| {name} | {init} | {gates} | {per_layer(r.get('final_mem_share_per_layer'))} "
+                     f"| {loss(r['val_loss'])} | {loss(r['val_loss_memory_off'])} "
+                     f"| {loss(r.get('val_loss_memory_shuffled'))} | {r['tokens_per_s']:,.0f} |")
     return "\n".join(lines)
 
 
