@@ -134,6 +134,10 @@ class TrainConfig:
     stages: list = field(default_factory=lambda: [Stage()])
     phases: list = field(default_factory=list)  # episodic gate phases from step 0; then normal
     gate_alert: float = 0.1  # an alert event when a layer's mean gate falls below this
+    # ... and when a layer's memory share of the mix (mem_share) does (null: off). With unnormalised
+    # branches the gate can stay above gate_alert while the memory's output has shrunk behind it:
+    # the small-scale seed's gate ended at 0.12, its share at 0.02 (experiments/memory_use)
+    share_alert: Optional[float] = 0.05
     # ... and when a layer's mean ||M||_F exceeds this (null: off). A memory mapping unit keys to
     # O(1) values stays near sqrt(Dk) * ||v|| (~100 at 128 dims); overshooting ones reached 1e7-1e9
     m_norm_alert: Optional[float] = 1000.0
@@ -279,6 +283,7 @@ def validate(cfg: Config, src: str) -> Config:
          "train.log_every, stats_every, val_every, sample_every and checkpoint_every must be >= 1"),
         (t.keep_last >= 1, "train.keep_last must be >= 1"),
         (t.m_norm_alert is None or t.m_norm_alert > 0, "train.m_norm_alert must be > 0 or null"),
+        (t.share_alert is None or 0 < t.share_alert < 1, "train.share_alert must lie in (0, 1) or be null"),
         (all(s.steps >= 1 and s.chunk_size >= 1 and s.lr_scale > 0 for s in t.stages),
          "every train.stages entry needs steps >= 1, chunk_size >= 1, lr_scale > 0"),
     ]

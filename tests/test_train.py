@@ -115,6 +115,19 @@ def test_memory_norm_alert(tmp_path):
     assert main(["train", "tiny", "--run-dir", str(tmp_path / "r2"), "train.m_norm_alert=0", *SMALL]) == 2
 
 
+def test_memory_share_alert(tmp_path):
+    run = tmp_path / "run"
+    # the memory's share of a mix at gate 0.5 is near 0.5: a threshold of 0.9 names every layer
+    assert main(["train", "tiny", "--run-dir", str(run), "train.max_steps=2", "train.share_alert=0.9", *SMALL]) == 0
+    alerts = [e for e in rows(run, "events") if e["event"] == "alert" and e["kind"] == "memory_share_low"]
+    assert alerts and alerts[0]["layers"] == [0, 1] and all(0 < x < 0.9 for x in alerts[0]["mem_share"])
+    assert "share of the mix below 0.9" in (run / "training.log").read_text()
+    quiet = tmp_path / "quiet"  # the default threshold stays silent on a memory in use
+    assert main(["train", "tiny", "--run-dir", str(quiet), "train.max_steps=2", *SMALL]) == 0
+    assert "ALERT" not in (quiet / "training.log").read_text()
+    assert main(["train", "tiny", "--run-dir", str(tmp_path / "r2"), "train.share_alert=1.5", *SMALL]) == 2
+
+
 def test_divergence_stops_without_a_broken_checkpoint(tmp_path, capsys):
     """A learning rate that blows the model up ends the run with an alert, not a NaN checkpoint."""
     from atlas.config import load_config

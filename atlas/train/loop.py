@@ -252,8 +252,9 @@ def gate_modes(mode: str, x: torch.Tensor, batches) -> torch.Tensor | None:
 
 
 def memory_alerts(log, step: int, row: dict, t) -> None:
-    """Alert events for the two ways a memory goes unused: the gate closing on it (the seed's
-    collapse) and M overshooting (its norm growing by orders of magnitude along a sequence while
+    """Alert events for the ways a memory goes unused: the gate closing on it (the seed's
+    collapse), its share of the mix shrinking (behind a gate that need not move, with unnormalised
+    branches), and M overshooting (its norm growing by orders of magnitude along a sequence while
     the output norm hides it from the loss; experiments/memory_use/README.md, "Passkey")."""
     low = [i for i, g in enumerate(row.get("gate", [])) if g < t.gate_alert]
     if low:
@@ -261,6 +262,12 @@ def memory_alerts(log, step: int, row: dict, t) -> None:
         log.record("events", {"step": step, "event": "alert", "kind": "gate_low", "layers": low,
                               "gate": row["gate"], "threshold": t.gate_alert})
         log.line(f"ALERT step {step}: gate below {t.gate_alert} in layers {low} (mean {mean_gate:.3f})")
+    small = [i for i, x in enumerate(row.get("mem_share", [])) if t.share_alert is not None and x < t.share_alert]
+    if small:
+        log.record("events", {"step": step, "event": "alert", "kind": "memory_share_low", "layers": small,
+                              "mem_share": row["mem_share"], "threshold": t.share_alert})
+        log.line(f"ALERT step {step}: the memory's share of the mix below {t.share_alert:g} in layers {small} "
+                 f"(the memory is bypassed)")
     big = [i for i, m in enumerate(row.get("M_norm", [])) if t.m_norm_alert is not None and not m <= t.m_norm_alert]
     if big:
         log.record("events", {"step": step, "event": "alert", "kind": "memory_norm_high", "layers": big,
