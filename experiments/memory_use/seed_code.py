@@ -19,6 +19,8 @@ RUNS = [
     ("+ memory carried across batches, forget 0.0006 (the seed's memory)", PARTS / "seed_code" / "seed_memory" / "lm.json"),
     ("the same, 3,000 steps", PARTS / "seed_code" / "seed_memory_3000" / "lm.json"),
     ("the seed's memory, and its gate: per channel from both branches", PARTS / "seed_code" / "gate_branches" / "lm.json"),
+    ("the seed's memory (scalar gate) and its features, in its memory regime (theta 0.0125)", PARTS / "seed_features" / "seed_feat_lo" / "lm.json"),
+    ("the same, 3,000 steps (the `seed` recipe now)", PARTS / "lm3000" / "seed" / "lm.json"),
 ]
 
 
@@ -39,7 +41,7 @@ def main() -> None:
               f"{v['val_loss']:.4f} | {v['val_loss_memory_off']:.4f} |")
     ax.axhline(0.25, color="grey", lw=0.5, ls="--")  # half the initial gate: the collapse line
     ax.set_xlabel("step")
-    ax.set_ylabel("mean gate over layers (memory share)")
+    ax.set_ylabel("mean gate over layers")
     ax.set_title("seed recipe: the gate against what the seed's code did")
     ax.legend(fontsize=7)
     fig.tight_layout()
