@@ -43,7 +43,7 @@ def main() -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("mean gate over layers")
     ax.set_title("seed recipe: the gate against what the seed's code did")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(HERE / "seed_code.png", dpi=110)
     print("wrote", HERE / "seed_code.png")
