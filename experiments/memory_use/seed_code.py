@@ -43,9 +43,9 @@ def main() -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("mean gate over layers")
     ax.set_title("seed recipe: the gate against what the seed's code did")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.2), ncol=1)  # below the axes: no curve under it
     fig.tight_layout()
-    fig.savefig(HERE / "seed_code.png", dpi=110)
+    fig.savefig(HERE / "seed_code.png", dpi=110, bbox_inches="tight")
     print("wrote", HERE / "seed_code.png")
 
 
