@@ -44,8 +44,8 @@ LM_RECIPES = {
     # every 5,000 micro-batches, 0.99 of M kept at each update (one per 16 tokens: a forget rate of
     # 0.0006 a token), the mixing gate at 5x the LR; and the seed's memory regime: M at the clamp
     # from its first log on while S_norm was 12-68x the clamp (600-3,400 against 50). Here theta
-    # 0.0125 puts S_norm at 30-70x the clamp (0.5, the rate of the earlier runs on Atlas's
-    # features, put it at ~1,600x: README, "The seed's features")
+    # 0.0125 puts S_norm at 29-72x the clamp over the first 1,000 steps (0.5, the rate of the
+    # earlier runs on Atlas's features, put it at ~1,600x: README, "The seed's features")
     "seed": ["model.attn_window=null", "model.gate.init=0.5", "model.gate.floor=0.0", "model.gate.branch_norm=none",
              "model.memory.max_norm=6.25", "model.memory.max_lr=1.0", "model.memory.theta_init=0.0125",
              "model.memory.features=seed", "model.memory.conv_size=0",
