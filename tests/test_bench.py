@@ -70,7 +70,7 @@ def test_gpu_scripts_without_a_gpu_say_one_line(tmp_path):
         pytest.skip("this machine has a GPU")
     root = Path(__file__).resolve().parents[1]
     for script in ("profile_layer.py", "profile_step.py", "profile_decode.py", "scaling_order.py", "scan_kernels.py",
-                   "conv_kernels.py", "ncu_scan.py"):
+                   "conv_kernels.py", "ncu_scan.py", "max_norm_scan.py"):
         out = tmp_path / f"{script}.json"
         args = [] if script == "ncu_scan.py" else ["--out", str(out)]  # ncu_scan.py writes nothing, ncu does
         args += ["--name", "x"] if script.endswith("_kernels.py") else []
