@@ -33,7 +33,9 @@ class MemoryConfig:
     bias: Literal["l2", "huber"] = "l2"  # attentional bias (Miras axis 2)
     huber_delta: float = 1.0
     retention: Literal["decay"] = "decay"
-    max_norm: Optional[float] = None  # the seed's global clamp of ||M|| (it used 50.0); off by default
+    # the seed's global clamp of ||M|| (it used 50.0); off by default. The Triton scan runs one call
+    # a chunk with it (3-18x its unclamped time at the seed recipe's shape: benchmarks/README.md)
+    max_norm: Optional[float] = None
     rule: Literal["gd", "momentum", "muon"] = "momentum"  # learning rule (Miras axis 4)
     max_lr: float = 0.1  # theta = max_lr * sigmoid(.)
     alpha_init: float = 0.02  # forget gate at init
