@@ -94,10 +94,7 @@ class MemoryLayer(nn.Module):
 
     def _seed_features(self, x: torch.Tensor) -> torch.Tensor:
         """(..., Dk) -> (..., Dk (p+1)): [a_0, a_1 x, ..., a_p x^p], the seed's polynomial features."""
-        powers = [torch.ones_like(x)]
-        for _ in range(len(self.seed_phi) - 1):
-            powers.append(powers[-1] * x)
-        return torch.cat([a * xp for a, xp in zip(self.seed_phi, powers)], dim=-1).to(x.dtype)
+        return torch.cat([a * x ** i for i, a in enumerate(self.seed_phi)], dim=-1).to(x.dtype)
 
     def _memory(self, x: torch.Tensor, qkv: tuple, state: MemoryLayerState | None, conv_state):
         """The scan (or a decoding step) over q, k (B, T, H, Dk'), v (B, T, H, Dv) and the gates

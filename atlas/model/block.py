@@ -114,8 +114,9 @@ class Block(nn.Module):
             gm, ga = g * m, (1 - g) * a
             # the gate is the memory's share only when both branches have one size: unnormalised,
             # the memory's own output projection can shrink or grow it behind an unmoved gate
-            with torch.no_grad():
-                n_mem, n_attn = gm.float().norm(), ga.float().norm()
+            with torch.no_grad():  # float32 sums over the bf16 tensors, no float32 copies of them
+                acc = torch.promote_types(gm.dtype, torch.float32)
+                n_mem, n_attn = (torch.linalg.vector_norm(t, dtype=acc) for t in (gm, ga))
                 self.last_share = n_mem / (n_mem + n_attn).clamp_min(1e-30)
             a = gm + ga
         h = x + a
