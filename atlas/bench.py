@@ -9,6 +9,7 @@ check of the code path).
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -274,7 +275,13 @@ def bench_decode(preset: str, overrides: list[str], contexts: list[int], device,
 
 
 SECTIONS = ("layer", "scaling", "model", "decode")
-DEFAULT_OUT = "benchmarks/results/h100.json"
+
+
+def default_out(device_name: str) -> str:
+    """benchmarks/results/<GPU model>.json: h100.json on an "NVIDIA H100 80GB HBM3", h200.json on an
+    "NVIDIA H200", so that one GPU's run never lands in another's file."""
+    m = re.search(r"[A-Za-z]*\d+[A-Za-z]*", device_name.replace("NVIDIA", ""))
+    return f"benchmarks/results/{m.group(0).lower() if m else 'gpu'}.json"
 
 
 def run(out_path: Path, smoke: bool, sections=SECTIONS, compile_model: bool = True,
@@ -294,10 +301,15 @@ def run(out_path: Path, smoke: bool, sections=SECTIONS, compile_model: bool = Tr
         B, T, H, D, chunk, Ts, ctxs = 2, 4096, 8, 128, 64, [2048, 4096, 8192, 16384, 32768], [1024, 2048, 4096, 8192, 16384, 32768]
         # 8 memory heads of 128 (the Triton kernel takes Dk <= 128; the same parameters as 1 x 1024)
         model_over, mB, mT = ["model.memory.heads=8"], 2, 4096
-    result = json.loads(out_path.read_text()) if out_path.exists() and set(sections) != set(SECTIONS) else {}
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    if result and result.get("device") != device_name:
-        result = {}  # never mix sections measured on different devices
+    try:
+        old = json.loads(out_path.read_text()) if out_path.exists() else {}
+    except ValueError as e:
+        raise UserError(f"bench: {out_path} is not JSON ({e}); move it away or give another --out") from None
+    if old.get("device", device_name) != device_name:  # sections of two devices never share a file
+        raise UserError(f"bench: {out_path} holds results measured on {old['device']}, and this is {device_name}; "
+                        f"give another --out (this device's default: {default_out(device_name)})")
+    result = old if set(sections) != set(SECTIONS) else {}
     result.update({"device": device_name, "dtype": str(dtype).replace("torch.", "")})
     result.setdefault("commands", {})
     result.setdefault("timing", {})  # each section's timing method (atlas/timing.py)
@@ -425,21 +437,22 @@ def cmd_bench(args) -> None:
     bad = set(sections) - set(SECTIONS)
     if bad:
         raise UserError(f"--sections: unknown {sorted(bad)}; choose from {', '.join(SECTIONS)}")
-    if args.smoke and Path(args.out) == Path(DEFAULT_OUT):
-        raise UserError(f"bench --smoke: its tiny shapes would replace {DEFAULT_OUT}; "
-                        "give --out, e.g. `atlas bench --smoke --out /tmp/bench.json`")
+    if args.smoke and args.out is None:  # not benchmarks/results/: tiny shapes, any device
+        raise UserError("bench --smoke: give --out, e.g. `atlas bench --smoke --out /tmp/bench.json`")
     if not args.smoke and not torch.cuda.is_available():  # hours of CPU time, and --out's GPU numbers replaced
         raise UserError("bench: no CUDA device here, and the benchmark's shapes (B=2, T=4096, a 300M model) "
                         "are for one GPU; run it on a GPU, or check the code path on CPU with "
                         "`atlas bench --smoke --out /tmp/bench.json`")
-    r = run(Path(args.out), args.smoke, sections, compile_model=not args.no_compile, method=args.timing)
+    out = args.out or default_out(torch.cuda.get_device_name())
+    r = run(Path(out), args.smoke, sections, compile_model=not args.no_compile, method=args.timing)
     print(table(r))
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 def add_bench_command(sub) -> None:
     p = sub.add_parser("bench", help="GPU benchmark: memory layer vs SDPA vs titans-pytorch, model, scaling, decode")
-    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--out", help="the JSON to write (default: benchmarks/results/<GPU model>.json, "
+                                 "e.g. h100.json on an H100)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, any device (checks the code path)")
     p.add_argument("--sections", help=f"comma-separated subset of {','.join(SECTIONS)}; others are kept from --out")
     p.add_argument("--no-compile", action="store_true", help="time the 300M step eagerly")

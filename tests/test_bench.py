@@ -45,6 +45,25 @@ def test_bench_smoke_keeps_off_the_committed_results(monkeypatch, tmp_path, caps
     assert "--out" in capsys.readouterr().err and not (tmp_path / "benchmarks").exists()
 
 
+def test_results_of_two_devices_never_share_a_file(tmp_path, capsys):
+    """The default --out is named by the GPU; an --out measured on another device is refused, not
+    replaced (a run on the H200 once would have emptied h100.json of its other sections)."""
+    from atlas.bench import default_out
+    assert default_out("NVIDIA H100 80GB HBM3") == "benchmarks/results/h100.json"
+    assert default_out("NVIDIA H200") == "benchmarks/results/h200.json"
+    assert default_out("NVIDIA A100-SXM4-80GB") == "benchmarks/results/a100.json"
+    out = tmp_path / "h100.json"
+    kept = json.dumps({"device": "NVIDIA H100 80GB HBM3", "layer": {"B": 2}})
+    out.write_text(kept)
+    for sections in (["--sections", "decode"], []):  # one section, and all of them
+        assert main(["bench", "--smoke", *sections, "--out", str(out)]) != 0
+        err = capsys.readouterr().err
+        assert "NVIDIA H100 80GB HBM3" in err and "another --out" in err and out.read_text() == kept
+    out.write_text("{not json")
+    assert main(["bench", "--smoke", "--out", str(out)]) != 0
+    assert "not JSON" in capsys.readouterr().err and out.read_text() == "{not json"
+
+
 def test_kernel_regs_compiles_for_an_h100_without_one():
     """benchmarks/kernel_regs.py: Triton's own ptxas compiles a scan kernel for sm_90 on this
     machine and reports its registers and stack."""
