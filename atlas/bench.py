@@ -305,7 +305,10 @@ def run(out_path: Path, smoke: bool, sections=SECTIONS, compile_model: bool = Tr
     try:
         old = json.loads(out_path.read_text()) if out_path.exists() else {}
     except ValueError as e:
-        raise UserError(f"bench: {out_path} is not JSON ({e}); move it away or give another --out") from None
+        old = f"not JSON ({e})"
+    if not isinstance(old, dict):
+        raise UserError(f"bench: {out_path} is {old if isinstance(old, str) else 'not a results object'}; "
+                        "move it away or give another --out")
     if old.get("device", device_name) != device_name:  # sections of two devices never share a file
         raise UserError(f"bench: {out_path} holds results measured on {old['device']}, and this is {device_name}; "
                         f"give another --out (this device's default: {default_out(device_name)})")

@@ -59,9 +59,10 @@ def test_results_of_two_devices_never_share_a_file(tmp_path, capsys):
         assert main(["bench", "--smoke", *sections, "--out", str(out)]) != 0
         err = capsys.readouterr().err
         assert "NVIDIA H100 80GB HBM3" in err and "another --out" in err and out.read_text() == kept
-    out.write_text("{not json")
-    assert main(["bench", "--smoke", "--out", str(out)]) != 0
-    assert "not JSON" in capsys.readouterr().err and out.read_text() == "{not json"
+    for text, said in (("{not json", "not JSON"), ("[1, 2]", "not a results object")):
+        out.write_text(text)
+        assert main(["bench", "--smoke", "--out", str(out)]) != 0
+        assert said in capsys.readouterr().err and out.read_text() == text
 
 
 def test_kernel_regs_compiles_for_an_h100_without_one():
