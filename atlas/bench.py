@@ -284,6 +284,19 @@ def default_out(device_name: str) -> str:
     return f"benchmarks/results/{m.group(0).lower() if m else 'gpu'}.json"
 
 
+def _results_in(path: Path) -> dict:
+    """What an existing --out holds ({} when there is none); one clear line when it is not a results file."""
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"bench: {path} is not JSON ({e}); move it away or give another --out") from None
+    if not isinstance(old, dict):
+        raise UserError(f"bench: {path} is not a results object; move it away or give another --out")
+    return old
+
+
 def run(out_path: Path, smoke: bool, sections=SECTIONS, compile_model: bool = True,
         method: str = "steady") -> dict:
     timing.set_method(method)
@@ -302,13 +315,7 @@ def run(out_path: Path, smoke: bool, sections=SECTIONS, compile_model: bool = Tr
         # 8 memory heads of 128 (the Triton kernel takes Dk <= 128; the same parameters as 1 x 1024)
         model_over, mB, mT = ["model.memory.heads=8"], 2, 4096
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    try:
-        old = json.loads(out_path.read_text()) if out_path.exists() else {}
-    except ValueError as e:
-        old = f"not JSON ({e})"
-    if not isinstance(old, dict):
-        raise UserError(f"bench: {out_path} is {old if isinstance(old, str) else 'not a results object'}; "
-                        "move it away or give another --out")
+    old = _results_in(out_path)
     if old.get("device", device_name) != device_name:  # sections of two devices never share a file
         raise UserError(f"bench: {out_path} holds results measured on {old['device']}, and this is {device_name}; "
                         f"give another --out (this device's default: {default_out(device_name)})")
